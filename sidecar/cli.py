@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # opensearch-py logs every request at INFO; the bulk loader would drown its own progress bar.
+    logging.getLogger("opensearch").setLevel(logging.WARNING)
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
@@ -153,9 +155,7 @@ def _opensearch_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _index_create(args: argparse.Namespace, settings: Settings) -> int:
-    encoder = BiEncoder(
-        settings.embedding_model, device=settings.device, batch_size=settings.embedding_batch_size
-    )
+    encoder = BiEncoder.from_settings(settings)
     report = create_index(
         _client(settings), args.index, _vector_options(args, settings, encoder.dimension)
     )
@@ -166,9 +166,7 @@ def _index_create(args: argparse.Namespace, settings: Settings) -> int:
 def _index_load(args: argparse.Namespace, settings: Settings) -> int:
     if not args.corpus.is_file():
         raise ValueError(f"corpus file {args.corpus} does not exist")
-    encoder = BiEncoder(
-        settings.embedding_model, device=settings.device, batch_size=settings.embedding_batch_size
-    )
+    encoder = BiEncoder.from_settings(settings)
     client = _client(settings)
     create_index(client, args.index, _vector_options(args, settings, encoder.dimension))
     started = time.monotonic()
@@ -183,6 +181,7 @@ def _index_load(args: argparse.Namespace, settings: Settings) -> int:
                 **dataclasses.asdict(report),
                 "elapsed_s": round(elapsed, 1),
                 "device": encoder.device,
+                "dtype": str(encoder.dtype).removeprefix("torch."),
             },
             indent=2,
         )

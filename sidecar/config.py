@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sidecar.device import DTYPES
+
 T = TypeVar("T")
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -76,6 +78,9 @@ class Settings:
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     # Texts per embedding forward pass.
     embedding_batch_size: int = 64
+    # Bi-encoder weights' dtype: auto (float16 on CUDA, bfloat16 on CPUs with native bf16 units,
+    # else float32), float32, bfloat16, float16.
+    embedding_dtype: str = "auto"
     # Torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N.
     device: str = "auto"
     # Downloaded OpenSearch artifacts are cached here.
@@ -89,6 +94,10 @@ class Settings:
             )
         if self.embedding_batch_size < 1:
             raise SettingsError("SIDECAR_EMBEDDING_BATCH_SIZE must be a positive integer")
+        if self.embedding_dtype not in DTYPES:
+            raise SettingsError(
+                f"SIDECAR_EMBEDDING_DTYPE must be one of {', '.join(DTYPES)}, got {self.embedding_dtype!r}"
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise SettingsError(
                 f"SIDECAR_DEVICE must be auto, cpu, cuda or cuda:N, got {self.device!r}"
@@ -111,6 +120,7 @@ class Settings:
             opensearch_url=reader.get("OPENSEARCH_URL", str, cls.opensearch_url),
             embedding_model=reader.get("EMBEDDING_MODEL", str, DEFAULT_EMBEDDING_MODEL),
             embedding_batch_size=reader.get("EMBEDDING_BATCH_SIZE", int, 64),
+            embedding_dtype=reader.get("EMBEDDING_DTYPE", str, "auto"),
             device=reader.get("DEVICE", str, "auto"),
             cache_dir=reader.get("CACHE_DIR", Path, default_cache_dir(environ)),
             local_node=node,

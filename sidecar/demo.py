@@ -20,12 +20,12 @@ def run_demo(
     corpus = settings.cache_dir / "sample" / "pydoc-corpus.jsonl"
     count = write_sample_corpus(corpus)
     print(f"sample corpus: {count} sections of Python's reference documentation -> {corpus}")
-    encoder = BiEncoder(
-        settings.embedding_model, device=settings.device, batch_size=settings.embedding_batch_size
-    )
+    encoder = BiEncoder.from_settings(settings)
     create_index(client, index, VectorOptions(dimension=encoder.dimension))
     report = load_corpus(client, encoder, index, corpus)
-    print(f"index {index!r}: {report.index_count} documents (bi-encoder on {encoder.device})")
+    print(
+        f"index {index!r}: {report.index_count} documents (bi-encoder on {encoder.device}, {encoder.dtype})"
+    )
     body = build_hybrid_search(query, encoder.embed([query])[0], candidates=5)
     response = client.search(index=index, body=body, params={"search_pipeline": HYBRID_PIPELINE})
     print(f"\nquery: {query!r}  (hybrid BM25 + k-NN, fused by the {HYBRID_PIPELINE} pipeline)")

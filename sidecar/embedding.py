@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from sidecar.config import DEFAULT_EMBEDDING_MODEL
-from sidecar.device import select_device
+import numpy as np
+
+from sidecar.config import DEFAULT_EMBEDDING_MODEL, Settings
+from sidecar.device import select_device, select_dtype
 
 
 def resolve_model_source(name: str) -> str:
@@ -27,26 +29,41 @@ def resolve_model_source(name: str) -> str:
 class BiEncoder:
     """A sentence-transformers bi-encoder on the selected device, producing unit-length vectors."""
 
-    def __init__(self, model: str, *, device: str = "auto", batch_size: int = 64) -> None:
+    def __init__(
+        self, model: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 64
+    ) -> None:
         from sentence_transformers import SentenceTransformer
 
         self.model_name = model
         self.device = select_device(device)
+        self.dtype = select_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self._model = SentenceTransformer(resolve_model_source(model), device=self.device)
+        self._model = SentenceTransformer(
+            resolve_model_source(model), device=self.device, model_kwargs={"dtype": self.dtype}
+        )
         dimension = self._model.get_embedding_dimension()
         if dimension is None:
             raise ValueError(f"{model} does not declare its embedding dimension")
         self.dimension: int = dimension
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BiEncoder:
+        return cls(
+            settings.embedding_model,
+            device=settings.device,
+            dtype=settings.embedding_dtype,
+            batch_size=settings.embedding_batch_size,
+        )
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """One vector per text, in order; blocking (run it off the event loop when serving)."""
+        """One float32 vector per text, in order; blocking (run it off the event loop when serving)."""
         vectors = self._model.encode(
             list(texts),
             batch_size=self.batch_size,
-            normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
-        )
-        rows: list[list[float]] = vectors.tolist()
+        ).astype(np.float32)
+        # Normalized here in float32: in bf16 the norms would be off by up to ~0.3%.
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        rows: list[list[float]] = (vectors / np.maximum(norms, 1e-12)).tolist()
         return rows

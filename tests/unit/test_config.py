@@ -43,6 +43,7 @@ def test_cache_dir_follows_xdg() -> None:
         ("SIDECAR_OPENSEARCH_VERSION", "latest", "'auto' or X.Y.Z"),
         ("SIDECAR_OPENSEARCH_URL", "search:9200", "must start with http"),
         ("SIDECAR_DEVICE", "tpu", "auto, cpu, cuda"),
+        ("SIDECAR_EMBEDDING_DTYPE", "int8", "one of auto, float32, bfloat16, float16"),
         ("SIDECAR_EMBEDDING_BATCH_SIZE", "0", "positive integer"),
         ("SIDECAR_OPENSEARCH_ALLOW_UNVERIFIED", "maybe", "expected true/false"),
         ("SIDECAR_OPENSEARCH_PROT", "9200", "unknown setting(s) SIDECAR_OPENSEARCH_PROT"),

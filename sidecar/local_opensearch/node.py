@@ -64,8 +64,8 @@ class LocalNode:
         self._environ = environ
         self._as_root = os.geteuid() == 0
         base = settings.home or (ROOT_HOME if self._as_root else cache_dir / "nodes")
-        self.home = base / str(settings.http_port)
-        self.url = f"http://127.0.0.1:{settings.http_port}"
+        self.home = base / str(settings.port)
+        self.url = f"http://127.0.0.1:{settings.port}"
 
     @property
     def _pid_file(self) -> Path:
@@ -99,9 +99,9 @@ class LocalNode:
                     f"node at {self.url} is running but not healthy; see {self.log_file}"
                 )
             return self.status()
-        if _port_in_use(self._settings.http_port):
+        if _port_in_use(self._settings.port):
             raise NodeError(
-                f"port {self._settings.http_port} is in use by another process; stop it or set "
+                f"port {self._settings.port} is in use by another process; stop it or set "
                 "SIDECAR_OPENSEARCH_PORT to a free port"
             )
         if self._as_root:
@@ -183,10 +183,10 @@ class LocalNode:
             (self.home / folder).mkdir(parents=True, exist_ok=True)
         config = {
             "cluster.name": "sidecar-local",
-            "node.name": f"sidecar-local-{self._settings.http_port}",
+            "node.name": f"sidecar-local-{self._settings.port}",
             "discovery.type": "single-node",
             "network.host": "127.0.0.1",
-            "http.port": self._settings.http_port,
+            "http.port": self._settings.port,
             "path.data": str(self.home / "data"),
             "path.logs": str(self.home / "logs"),
             # A development node on a nearly full disk should not turn its indices read-only.

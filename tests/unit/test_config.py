@@ -8,8 +8,10 @@ from sidecar.config import LocalNodeSettings, Settings, SettingsError
 def test_defaults_when_environment_is_empty() -> None:
     settings = Settings.from_env({"HOME": "/home/u"})
     assert settings.opensearch_url == "http://127.0.0.1:9200"
+    assert (settings.listen_host, settings.listen_port) == ("127.0.0.1", 8080)
     assert settings.embedding_model == "sentence-transformers/all-MiniLM-L6-v2"
-    assert settings.local_node.http_port == 9200
+    assert settings.reranker_model == "cross-encoder/ms-marco-MiniLM-L-6-v2"
+    assert settings.local_node.port == 9200
     assert settings.cache_dir.name == "opensearch-sidecar"
 
 
@@ -18,6 +20,9 @@ def test_reads_typed_values() -> None:
         {
             "SIDECAR_OPENSEARCH_URL": "https://user:secret@search:9200",
             "SIDECAR_EMBEDDING_BATCH_SIZE": "8",
+            "SIDECAR_RERANK_MAX_WAIT_S": "0.01",
+            "SIDECAR_RERANKER_MAX_LENGTH": "256",
+            "SIDECAR_FAIL_MODE": "closed",
             "SIDECAR_OPENSEARCH_PORT": "9333",
             "SIDECAR_OPENSEARCH_ALLOW_UNVERIFIED": "yes",
             "SIDECAR_CACHE_DIR": "/tmp/c",
@@ -25,9 +30,39 @@ def test_reads_typed_values() -> None:
         }
     )
     assert settings.embedding_batch_size == 8
-    assert settings.local_node == LocalNodeSettings(http_port=9333, allow_unverified=True)
+    assert settings.rerank_max_wait_s == 0.01
+    assert settings.reranker_max_length == 256
+    assert settings.fail_mode == "closed"
+    assert settings.local_node == LocalNodeSettings(port=9333, allow_unverified=True)
     assert settings.cache_dir == Path("/tmp/c")
     assert settings.redacted()["opensearch_url"] == "https://***@search:9200"
+
+
+def test_config_file_is_overridden_by_environment(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.toml"
+    config.write_text(
+        'listen_port = 9000\nnormalization = "zscore"\nalpha = 0.7\n'
+        "[local_opensearch]\nport = 9400\n"
+    )
+    settings = Settings.from_env(
+        {"SIDECAR_CONFIG_FILE": str(config), "SIDECAR_LISTEN_PORT": "9001"}
+    )
+    assert settings.listen_port == 9001
+    assert settings.normalization == "zscore"
+    assert settings.alpha == 0.7
+    assert settings.local_node.port == 9400
+
+
+def test_config_file_errors_name_the_problem(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.toml"
+    config.write_text("listen_prot = 1\n")
+    with pytest.raises(SettingsError, match="unknown setting 'listen_prot'"):
+        Settings.from_env({"SIDECAR_CONFIG_FILE": str(config)})
+    config.write_text("listen_port = [")
+    with pytest.raises(SettingsError, match="is not valid TOML"):
+        Settings.from_env({"SIDECAR_CONFIG_FILE": str(config)})
+    with pytest.raises(SettingsError, match="cannot read"):
+        Settings.from_env({"SIDECAR_CONFIG_FILE": str(tmp_path / "absent.toml")})
 
 
 def test_cache_dir_follows_xdg() -> None:
@@ -43,8 +78,12 @@ def test_cache_dir_follows_xdg() -> None:
         ("SIDECAR_OPENSEARCH_VERSION", "latest", "'auto' or X.Y.Z"),
         ("SIDECAR_OPENSEARCH_URL", "search:9200", "must start with http"),
         ("SIDECAR_DEVICE", "tpu", "auto, cpu, cuda"),
+        ("SIDECAR_EMBEDDING_BATCH_SIZE", "0", "at least 1"),
         ("SIDECAR_EMBEDDING_DTYPE", "int8", "one of auto, float32, bfloat16, float16"),
-        ("SIDECAR_EMBEDDING_BATCH_SIZE", "0", "positive integer"),
+        ("SIDECAR_FAIL_MODE", "maybe", "expected one of open, closed"),
+        ("SIDECAR_ALPHA", "1.5", "between 0 and 1"),
+        ("SIDECAR_REQUEST_TIMEOUT_S", "0", "must be positive"),
+        ("SIDECAR_DEFAULT_CANDIDATES", "5000", "must not exceed SIDECAR_MAX_CANDIDATES"),
         ("SIDECAR_OPENSEARCH_ALLOW_UNVERIFIED", "maybe", "expected true/false"),
         ("SIDECAR_OPENSEARCH_PROT", "9200", "unknown setting(s) SIDECAR_OPENSEARCH_PROT"),
     ],

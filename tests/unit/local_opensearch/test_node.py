@@ -12,13 +12,13 @@ def test_port_taken_by_another_process_is_a_clear_error(tmp_path: Path) -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        node = LocalNode(LocalNodeSettings(http_port=port, home=tmp_path), tmp_path / "cache", {})
+        node = LocalNode(LocalNodeSettings(port=port, home=tmp_path), tmp_path / "cache", {})
         with pytest.raises(NodeError, match=f"port {port} is in use"):
             node.up()
 
 
 def test_status_of_a_node_never_started(tmp_path: Path) -> None:
-    node = LocalNode(LocalNodeSettings(http_port=9299, home=tmp_path), tmp_path / "cache", {})
+    node = LocalNode(LocalNodeSettings(port=9299, home=tmp_path), tmp_path / "cache", {})
     status = node.status()
     assert not status.running
     assert not status.healthy
@@ -27,7 +27,7 @@ def test_status_of_a_node_never_started(tmp_path: Path) -> None:
 
 
 def test_stale_pid_file_is_not_mistaken_for_a_running_node(tmp_path: Path) -> None:
-    node = LocalNode(LocalNodeSettings(http_port=9299, home=tmp_path), tmp_path / "cache", {})
+    node = LocalNode(LocalNodeSettings(port=9299, home=tmp_path), tmp_path / "cache", {})
     node.home.mkdir(parents=True)
     (node.home / "opensearch.pid").write_text("1\n")  # pid 1 exists but is not OpenSearch
     assert not node.status().running

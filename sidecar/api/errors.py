@@ -1,0 +1,57 @@
+"""The one table from failures to HTTP answers, all in OpenSearch's error shape."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.pipeline import RerankUnavailable
+from sidecar.rerank.batcher import Overloaded
+from sidecar.retrieval.opensearch import UpstreamError, error_body
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A request the sidecar refuses; `reason` is shown to the client, so it never holds internals."""
+
+    def __init__(
+        self, status: int, error_type: str, reason: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.error_type = error_type
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def bad_request(reason: str) -> ApiError:
+    return ApiError(400, "illegal_argument_exception", reason)
+
+
+def error_response(error: Exception) -> web.Response:
+    """The response for any exception reaching the edge; unexpected ones are logged as 500s."""
+    status, body, headers = _classify(error)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _classify(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
+    if isinstance(error, ApiError):
+        return error.status, error_body(error.status, error.error_type, error.reason), error.headers
+    if isinstance(error, UpstreamError):
+        return error.status, error.body, {}
+    if isinstance(error, Overloaded):
+        retry_after = str(max(1, round(error.retry_after_s)))
+        reason = "the reranker queue is full; retry later"
+        return (
+            429,
+            error_body(429, "rejected_execution_exception", reason),
+            {"Retry-After": retry_after},
+        )
+    if isinstance(error, RerankUnavailable):
+        reason = f"reranking unavailable ({error.reason}) and the sidecar is configured fail-closed"
+        return 503, error_body(503, "rerank_unavailable_exception", reason), {}
+    log.error("unhandled error", exc_info=error)
+    return 500, error_body(500, "internal_error", "internal error; see the sidecar log"), {}

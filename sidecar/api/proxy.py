@@ -1,0 +1,124 @@
+"""Pass-through: every request the sidecar does not handle goes to OpenSearch as it came, and the
+answer comes back as OpenSearch gave it — status, headers (Authorization included) and body bytes,
+streamed both ways. Only hop-by-hop headers are dropped, as any HTTP proxy must."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.api.errors import ApiError
+from sidecar.logging import request_id_var
+
+log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 64 * 1024
+# RFC 9110 section 7.6.1 connection-specific headers, plus Host (set for the upstream by the client).
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+
+# aiohttp adds these when the client did not send them; a proxy must not (an added
+# Accept-Encoding would get the client a gzip body it never asked for).
+_NEVER_ADDED = frozenset({"Accept-Encoding", "User-Agent", "Content-Type"})
+
+
+def create_session(timeout_s: float) -> aiohttp.ClientSession:
+    """The one upstream session: no automatic decompression (bodies pass byte-for-byte), a bounded
+    wait for each read, and no total timeout (large scrolls and bulk responses stream for long)."""
+    return aiohttp.ClientSession(
+        auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s),
+        connector=aiohttp.TCPConnector(limit=256),
+    )
+
+
+async def read_body(request: web.Request, max_body_bytes: int) -> bytes:
+    """The whole request body, refusing more than `max_body_bytes` with 413."""
+    if request.content_length is not None and request.content_length > max_body_bytes:
+        raise _too_large(max_body_bytes)
+    body = await request.content.read(max_body_bytes + 1)
+    if len(body) > max_body_bytes or not request.content.at_eof():
+        raise _too_large(max_body_bytes)
+    return body
+
+
+async def forward(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    upstream: URL,
+    max_body_bytes: int,
+    body: bytes | None = None,
+) -> web.StreamResponse:
+    """Send `request` upstream and stream the answer back. `body`: already read by the caller.
+
+    A body with a known length is streamed through unread; one without is read (bounded) first.
+    """
+    if body is None and request.can_read_body:
+        if request.content_length is None:
+            body = await read_body(request, max_body_bytes)
+        elif request.content_length > max_body_bytes:
+            raise _too_large(max_body_bytes)
+    headers = _end_to_end(request.headers)
+    if body is not None:
+        headers["Content-Length"] = str(len(body))
+    payload = body if body is not None else (request.content if request.can_read_body else None)
+    target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
+    response: web.StreamResponse | None = None
+    try:
+        async with session.request(
+            request.method,
+            target,
+            headers=headers,
+            data=payload,
+            allow_redirects=False,
+            skip_auto_headers=_NEVER_ADDED,
+        ) as answer:
+            response = web.StreamResponse(status=answer.status, reason=answer.reason)
+            response.headers.extend(_end_to_end(answer.headers))
+            if (request_id := request_id_var.get()) is not None:
+                response.headers["X-Request-Id"] = request_id
+            if answer.content_length is not None:
+                response.content_length = answer.content_length
+            await response.prepare(request)
+            async for chunk in answer.content.iter_chunked(_CHUNK_BYTES):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientConnectionError, TimeoutError) as error:
+        log.warning("upstream request failed: %s", error)
+        if response is not None and response.prepared:
+            # The status line is gone already; cutting the body short is all that is left to say.
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+
+
+def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in _HOP_BY_HOP:
+            kept.add(name, value)
+    return kept
+
+
+def _too_large(max_body_bytes: int) -> ApiError:
+    return ApiError(
+        413, "content_too_long_exception", f"request body is larger than {max_body_bytes} bytes"
+    )

@@ -1,0 +1,230 @@
+"""HTTP routes: health, the native `/v1/search`, the OpenSearch-compatible `_search` interception,
+and pass-through for everything else (registered last, so it only gets what nothing else matched)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.api import proxy
+from sidecar.api.errors import ApiError, bad_request, error_response
+from sidecar.api.schemas import parse_json_object, parse_rerank_ext, parse_search_request
+from sidecar.logging import request_id_var
+from sidecar.pipeline import RankedHit, RerankReport, Timings
+from sidecar.retrieval.fusion import Candidate, SourceRank
+from sidecar.services import Services
+
+SERVICES = web.AppKey("services", Services)
+_REQUEST_ID_MAX_CHARS = 128
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/v1/search", native_search)
+    for path in ("/_search", "/{index}/_search"):
+        app.router.add_route("GET", path, intercept_search)
+        app.router.add_route("POST", path, intercept_search)
+    app.router.add_route("*", "/{tail:.*}", pass_through)
+
+
+@web.middleware
+async def edge(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Request id (honoured if the client sent a sane one, else generated) and the error table."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = (
+        given
+        if 0 < len(given) <= _REQUEST_ID_MAX_CHARS and given.isprintable()
+        else uuid.uuid4().hex
+    )
+    token = request_id_var.set(request_id)
+    try:
+        try:
+            response = await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(
+                ApiError(413, "content_too_long_exception", "request body is too large")
+            )
+        except Exception as error:
+            response = error_response(error)
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        request_id_var.reset(token)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    upstream_ok = await services.upstream.reachable()
+    body = {
+        "ready": services.models_loaded and upstream_ok,
+        "models_loaded": services.models_loaded,
+        "upstream": upstream_ok,
+    }
+    return web.json_response(body, status=200 if body["ready"] else 503)
+
+
+async def native_search(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    deadline = asyncio.get_running_loop().time() + services.settings.request_timeout_s
+    body = parse_json_object(await proxy.read_body(request, services.settings.max_body_bytes))
+    search = parse_search_request(body, services.settings)
+    result = await services.pipeline.search(search, deadline)
+    return _json(
+        {
+            "took": round(result.timings.values_ms["total"]),
+            "hits": [_native_hit(hit, search.explain) for hit in result.hits],
+            "candidates": len(result.candidates),
+            "timings_ms": result.timings.values_ms,
+            "rerank": _report(result.rerank),
+        }
+    )
+
+
+async def intercept_search(request: web.Request) -> web.StreamResponse:
+    """`_search` with `ext.rerank` is reranked; any other `_search` passes through untouched."""
+    services = request.app[SERVICES]
+    settings = services.settings
+    raw = await proxy.read_body(request, settings.max_body_bytes) if request.can_read_body else b""
+    try:
+        body = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        body = None
+    ext = body.get("ext") if isinstance(body, dict) else None
+    if not (isinstance(body, dict) and isinstance(ext, dict) and "rerank" in ext):
+        return await proxy.forward(
+            request, services.session, services.upstream_url, settings.max_body_bytes, raw
+        )
+
+    started = time.perf_counter()
+    deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+    rerank_ext = parse_rerank_ext(ext["rerank"], settings)
+    offset, size = _non_negative(body, "from", 0), _non_negative(body, "size", 10)
+    if offset + size > rerank_ext.window:
+        raise bad_request(
+            f"[from] + [size] ({offset + size}) must not exceed [ext.rerank.window] ({rerank_ext.window})"
+        )
+    remaining_ext = {key: value for key, value in ext.items() if key != "rerank"}
+    upstream_body = {key: value for key, value in body.items() if key != "ext"}
+    upstream_body.update(size=rerank_ext.window, **{"from": 0})
+    if remaining_ext:
+        upstream_body["ext"] = remaining_ext
+    timings = Timings()
+    stage = time.perf_counter()
+    response = await services.upstream.search(
+        request.match_info.get("index"), upstream_body, dict(request.query)
+    )
+    timings.record("retrieve", stage)
+    original = response["hits"]["hits"]
+    candidates = [
+        Candidate(
+            id=hit["_id"],
+            source=hit.get("_source") or {},
+            fused_score=float(hit["_score"]) if isinstance(hit.get("_score"), int | float) else 0.0,
+            lexical=None,
+            vector=None,
+        )
+        for hit in original
+    ]
+    ranked, report = await services.pipeline.rerank(
+        rerank_ext.query_text,
+        candidates,
+        offset + size,
+        True,
+        settings.truncation,
+        deadline,
+        timings,
+        rerank_ext.document_fields,
+    )
+    page = ranked[offset : offset + size]
+    hits = []
+    for hit in page:
+        entry = dict(original[hit.first_stage_rank - 1])
+        entry["_rerank"] = {
+            "first_stage_score": entry.get("_score"),
+            "first_stage_rank": hit.first_stage_rank,
+            "rerank_score": _finite(hit.rerank_score),
+        }
+        entry["_score"] = _finite(hit.score)
+        hits.append(entry)
+    response["hits"]["hits"] = hits
+    response["hits"]["max_score"] = max(
+        (h["_score"] for h in hits if h["_score"] is not None), default=None
+    )
+    response["took"] = round((time.perf_counter() - started) * 1000)
+    response.setdefault("ext", {})["rerank"] = _report(report)
+    return _json(response)
+
+
+async def pass_through(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    return await proxy.forward(
+        request, services.session, services.upstream_url, services.settings.max_body_bytes
+    )
+
+
+def _native_hit(hit: RankedHit, explain: bool) -> dict[str, Any]:
+    candidate = hit.candidate
+    entry: dict[str, Any] = {
+        "id": candidate.id,
+        "score": _finite(hit.score),
+        "rerank_score": _finite(hit.rerank_score),
+        "first_stage": {"rank": hit.first_stage_rank, "score": _finite(candidate.fused_score)},
+        "sources": {
+            "lexical": _source_rank(candidate.lexical),
+            "vector": _source_rank(candidate.vector),
+        },
+        "source": candidate.source,
+    }
+    if explain:
+        entry["explain"] = {"provenance": candidate.provenance}
+    return entry
+
+
+def _source_rank(rank: SourceRank | None) -> dict[str, Any] | None:
+    return None if rank is None else {"rank": rank.rank, "score": _finite(rank.score)}
+
+
+def _report(report: RerankReport) -> dict[str, Any]:
+    return {
+        "applied": report.applied,
+        "model": report.model,
+        "device": report.device,
+        "dtype": report.dtype,
+        "cache_hits": report.cache_hits,
+        "pairs_scored": report.pairs_scored,
+        "fail_open": report.fail_open,
+        "reason": report.reason,
+    }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: such scores are reported as null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _non_negative(body: dict[str, Any], key: str, default: int) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise bad_request(f"[{key}] must be a non-negative integer")
+    return value
+
+
+def _json(body: dict[str, Any]) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, allow_nan=False).encode(), content_type="application/json"
+    )

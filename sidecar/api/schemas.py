@@ -1,0 +1,173 @@
+"""Request validation for the native API and the `_search` interception: everything a client sends
+is checked here, with 400s that say which field is wrong and why."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, get_args
+
+from sidecar.api.errors import ApiError, bad_request
+from sidecar.config import Settings, Truncation
+from sidecar.pipeline import DEFAULT_DOCUMENT_FIELDS, SearchRequest
+from sidecar.retrieval.first_stage import FUSIONS
+
+MAX_QUERY_CHARS = 4096
+MAX_INDEX_CHARS = 255
+_NATIVE_FIELDS = frozenset(
+    {
+        "index",
+        "query",
+        "k",
+        "candidates",
+        "filter",
+        "fusion",
+        "weights",
+        "rerank",
+        "truncation",
+        "explain",
+    }
+)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(
+            400, "parsing_exception", f"request body is not valid JSON: {error}"
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "parsing_exception", "request body must be a JSON object")
+    return body
+
+
+def parse_search_request(body: Mapping[str, Any], settings: Settings) -> SearchRequest:
+    unknown = sorted(set(body) - _NATIVE_FIELDS)
+    if unknown:
+        raise bad_request(
+            f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_NATIVE_FIELDS))}"
+        )
+    index = _string(body, "index", MAX_INDEX_CHARS)
+    if index is None:
+        raise bad_request("[index] is required")
+    query = _string(body, "query", MAX_QUERY_CHARS)
+    if query is None:
+        raise bad_request("[query] is required")
+    k = _integer(body, "k", 10)
+    candidates = _integer(body, "candidates", settings.default_candidates)
+    if candidates > settings.max_candidates:
+        raise bad_request(
+            f"[candidates] is {candidates}, above the maximum {settings.max_candidates}"
+        )
+    if k > candidates:
+        raise bad_request(f"[k] ({k}) must not exceed [candidates] ({candidates})")
+    fusion = body.get("fusion", "convex")
+    if fusion not in FUSIONS:
+        raise bad_request(f"[fusion] must be one of {', '.join(FUSIONS)}")
+    truncation = body.get("truncation", settings.truncation)
+    if truncation not in get_args(Truncation):
+        raise bad_request(f"[truncation] must be one of {', '.join(get_args(Truncation))}")
+    filter_clause = body.get("filter")
+    if filter_clause is not None and not (
+        isinstance(filter_clause, dict) and len(filter_clause) == 1
+    ):
+        raise bad_request(
+            '[filter] must be one OpenSearch query clause, e.g. {"term": {"lang": "en"}}'
+        )
+    return SearchRequest(
+        index=index,
+        query=query,
+        k=k,
+        candidates=candidates,
+        fusion=fusion,
+        rerank=_boolean(body, "rerank", True),
+        truncation=truncation,
+        weights=_weights(body.get("weights")),
+        filter=filter_clause,
+        explain=_boolean(body, "explain", False),
+    )
+
+
+@dataclass(frozen=True)
+class RerankExt:
+    """`ext.rerank` of an intercepted `_search`: OpenSearch's rerank-processor shape plus `window`."""
+
+    query_text: str
+    window: int
+    document_fields: tuple[str, ...]
+
+
+def parse_rerank_ext(ext: Any, settings: Settings) -> RerankExt:
+    if not isinstance(ext, dict):
+        raise bad_request("[ext.rerank] must be an object")
+    context = ext.get("query_context")
+    if not isinstance(context, dict):
+        raise bad_request("[ext.rerank.query_context] must be an object with [query_text]")
+    query_text = _string(
+        context, "query_text", MAX_QUERY_CHARS, "ext.rerank.query_context.query_text"
+    )
+    if query_text is None:
+        raise bad_request("[ext.rerank.query_context.query_text] is required")
+    window = _integer(ext, "window", settings.default_candidates, "ext.rerank.window")
+    if window > settings.max_candidates:
+        raise bad_request(
+            f"[ext.rerank.window] is {window}, above the maximum {settings.max_candidates}"
+        )
+    fields = ext.get("document_fields", list(DEFAULT_DOCUMENT_FIELDS))
+    if not (isinstance(fields, list) and fields and all(isinstance(f, str) and f for f in fields)):
+        raise bad_request("[ext.rerank.document_fields] must be a non-empty list of field names")
+    return RerankExt(query_text=query_text, window=window, document_fields=tuple(fields))
+
+
+def _string(
+    body: Mapping[str, Any], key: str, max_chars: int, label: str | None = None
+) -> str | None:
+    label = label or key
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad_request(f"[{label}] must be a string")
+    if not value.strip():
+        raise bad_request(f"[{label}] must not be empty")
+    if len(value) > max_chars:
+        raise bad_request(f"[{label}] is longer than {max_chars} characters")
+    return value
+
+
+def _integer(body: Mapping[str, Any], key: str, default: int, label: str | None = None) -> int:
+    label = label or key
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"[{label}] must be an integer")
+    if value < 1:
+        raise bad_request(f"[{label}] must be at least 1")
+    return value
+
+
+def _boolean(body: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise bad_request(f"[{key}] must be true or false")
+    return value
+
+
+def _weights(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in value
+        )
+        and sum(value) > 0
+    ):
+        raise bad_request(
+            "[weights] must be [lexical, vector]: two non-negative numbers, not both 0"
+        )
+    return float(value[0]), float(value[1])

@@ -1,0 +1,110 @@
+"""Wiring: `create_app(settings)` builds the aiohttp application; every long-lived resource (models,
+executors, batcher, upstream clients) is set up and torn down in one cleanup context."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+from yarl import URL
+
+from sidecar.api import proxy
+from sidecar.api.routes import SERVICES, add_routes, edge
+from sidecar.config import Settings
+from sidecar.embedding import BiEncoder
+from sidecar.pipeline import SearchPipeline
+from sidecar.rerank.backend import CrossEncoderBackend, RerankBackend
+from sidecar.rerank.batcher import BatchLimits, MicroBatcher
+from sidecar.rerank.cache import ScoreCache
+from sidecar.rerank.reranker import Reranker
+from sidecar.retrieval.opensearch import Upstream
+from sidecar.services import Services
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings, *, backend: RerankBackend | None = None, encoder: BiEncoder | None = None
+) -> web.Application:
+    """The sidecar application. `backend` and `encoder` replace the configured models (tests,
+    benchmarks); otherwise both are loaded, and the cross-encoder warmed up, before serving."""
+    app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
+
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        # One thread each: the model thread runs batches back to back; tokenizing and query
+        # embedding never queue behind a model call.
+        model_executor = ThreadPoolExecutor(1, thread_name_prefix="rerank-model")
+        prepare_executor = ThreadPoolExecutor(1, thread_name_prefix="rerank-prepare")
+        embed_executor = ThreadPoolExecutor(1, thread_name_prefix="embed")
+        query_encoder: BiEncoder = (
+            encoder
+            if encoder is not None
+            else await loop.run_in_executor(embed_executor, BiEncoder.from_settings, settings)
+        )
+        reranker_backend: RerankBackend = (
+            backend
+            if backend is not None
+            else await loop.run_in_executor(model_executor, load_cross_encoder, settings)
+        )
+        limits = BatchLimits(
+            max_batch_pairs=settings.rerank_max_batch_pairs,
+            max_batch_tokens=settings.rerank_max_batch_tokens,
+            max_wait_s=settings.rerank_max_wait_s,
+            max_pending_pairs=settings.rerank_max_pending_pairs,
+        )
+        batcher = MicroBatcher(reranker_backend.score, limits, model_executor)
+        await batcher.start()
+        upstream = Upstream(settings.opensearch_url, settings.upstream_timeout_s)
+        session = proxy.create_session(settings.upstream_timeout_s)
+        cache = ScoreCache(settings.rerank_cache_entries, settings.rerank_cache_ttl_s)
+        reranker = Reranker(
+            reranker_backend,
+            batcher,
+            cache,
+            prepare_executor,
+            overlap_tokens=settings.chunk_overlap_tokens,
+        )
+        app[SERVICES] = Services(
+            settings=settings,
+            pipeline=SearchPipeline(settings, query_encoder, upstream, reranker, embed_executor),
+            upstream=upstream,
+            session=session,
+            upstream_url=URL(settings.opensearch_url).with_user(None),
+        )
+        log.info(
+            "models ready",
+            extra={
+                "reranker": reranker_backend.identity,
+                "reranker_device": reranker_backend.device,
+                "reranker_dtype": reranker_backend.dtype,
+                "embedding_model": query_encoder.model_name,
+            },
+        )
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            await session.close()
+            await upstream.close()
+            for executor in (model_executor, prepare_executor, embed_executor):
+                executor.shutdown(wait=False, cancel_futures=True)
+
+    app.cleanup_ctx.append(services)
+    add_routes(app)
+    return app
+
+
+def load_cross_encoder(settings: Settings) -> CrossEncoderBackend:
+    """The configured cross-encoder, warmed up by one forward pass."""
+    backend = CrossEncoderBackend(
+        settings.reranker_model,
+        device=settings.device,
+        dtype=settings.reranker_dtype,
+        max_length=settings.reranker_max_length,
+    )
+    backend.warm_up()
+    return backend

@@ -1,0 +1,274 @@
+"""The two stages in order: embed → retrieve and fuse → rerank → normalize, with per-stage timings,
+provenance carried from the first stage to every final hit, and the fail-open policy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachetools import LRUCache
+
+from sidecar.config import Settings, Truncation
+from sidecar.embedding import BiEncoder
+from sidecar.logging import log_stage
+from sidecar.rerank.batcher import BatcherClosed, Overloaded
+from sidecar.rerank.cache import normalize_query
+from sidecar.rerank.reranker import RerankDocument, Reranker
+from sidecar.retrieval.first_stage import FirstStageQuery, Fusion, retrieve
+from sidecar.retrieval.fusion import Candidate
+from sidecar.retrieval.opensearch import Upstream
+from sidecar.retrieval.queries import Filter
+from sidecar.scoring import blend, minmax_first_stage, normalize_scores
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DOCUMENT_FIELDS = ("title", "text")
+
+
+class RerankUnavailable(Exception):
+    """Reranking could not be done and the operator chose fail-closed; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"reranking unavailable: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    index: str
+    query: str
+    k: int
+    candidates: int
+    fusion: Fusion
+    rerank: bool
+    truncation: Truncation
+    weights: tuple[float, float] | None = None
+    filter: Filter | None = None
+    explain: bool = False
+
+
+@dataclass(frozen=True)
+class RerankReport:
+    applied: bool
+    model: str
+    device: str
+    dtype: str
+    cache_hits: int = 0
+    pairs_scored: int = 0
+    fail_open: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RankedHit:
+    candidate: Candidate
+    # 1-based position in the first stage's fused order.
+    first_stage_rank: int
+    # The cross-encoder's raw logit; None when reranking was not applied.
+    rerank_score: float | None
+    # Final score in [0, 1]; see README "Scores".
+    score: float
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage; a stage that did not run stays 0."""
+
+    values_ms: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("embed", "retrieve", "rerank", "normalize", "total"), 0.0
+        )
+    )
+
+    def record(self, stage: str, started: float) -> float:
+        elapsed_s = time.perf_counter() - started
+        self.values_ms[stage] = round(elapsed_s * 1000, 3)
+        return elapsed_s
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[RankedHit]
+    candidates: list[Candidate]
+    rerank: RerankReport
+    timings: Timings
+
+
+class SearchPipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        encoder: BiEncoder,
+        upstream: Upstream,
+        reranker: Reranker,
+        embed_executor: ThreadPoolExecutor,
+    ) -> None:
+        self._settings = settings
+        self._encoder = encoder
+        self._upstream = upstream
+        self._reranker = reranker
+        self._embed_executor = embed_executor
+        self._query_vectors: LRUCache[str, list[float]] = LRUCache(
+            maxsize=settings.query_cache_entries
+        )
+
+    async def search(self, request: SearchRequest, deadline: float) -> SearchResult:
+        """Both stages for the native API. `deadline` is on the event loop's clock.
+
+        Raises UpstreamError, Overloaded (admission bound) and RerankUnavailable (fail-closed).
+        """
+        timings = Timings()
+        started = time.perf_counter()
+        stage = time.perf_counter()
+        vector, cached = await self._embed(request.query)
+        log_stage("embed", timings.record("embed", stage), cached=cached)
+        stage = time.perf_counter()
+        first_stage = FirstStageQuery(
+            index=request.index,
+            text=request.query,
+            vector=vector,
+            candidates=request.candidates,
+            fusion=request.fusion,
+            weights=request.weights,
+            filter=request.filter,
+        )
+        candidates = await retrieve(self._upstream, first_stage)
+        log_stage(
+            "retrieve",
+            timings.record("retrieve", stage),
+            fusion=request.fusion,
+            candidates=len(candidates),
+            both=sum(c.provenance == "both" for c in candidates),
+        )
+        hits, report = await self.rerank(
+            request.query,
+            candidates,
+            request.k,
+            request.rerank,
+            request.truncation,
+            deadline,
+            timings,
+        )
+        log_stage("total", timings.record("total", started), hits=len(hits))
+        return SearchResult(hits=hits, candidates=candidates, rerank=report, timings=timings)
+
+    async def rerank(
+        self,
+        query: str,
+        candidates: Sequence[Candidate],
+        k: int,
+        enabled: bool,
+        truncation: Truncation,
+        deadline: float,
+        timings: Timings,
+        document_fields: Sequence[str] = DEFAULT_DOCUMENT_FIELDS,
+    ) -> tuple[list[RankedHit], RerankReport]:
+        """Stage 2 and normalization over first-stage `candidates` (best first); top `k` returned.
+
+        Shared by the native API and the `_search` interception. Falls open to the first-stage
+        order (flagged in the report) unless the operator chose fail-closed.
+        """
+        backend = self._reranker.backend
+        report = RerankReport(
+            applied=False, model=backend.model_name, device=backend.device, dtype=backend.dtype
+        )
+        logits: list[float] | None = None
+        if enabled and candidates:
+            stage = time.perf_counter()
+            documents = [
+                RerankDocument(c.id, document_text(c.source, document_fields)) for c in candidates
+            ]
+            reason = None
+            try:
+                remaining_s = deadline - asyncio.get_running_loop().time()
+                if remaining_s <= 0:
+                    raise TimeoutError
+                scores = await asyncio.wait_for(
+                    self._reranker.score(query, documents, truncation), remaining_s
+                )
+                logits = scores.logits
+                report = RerankReport(
+                    applied=True,
+                    model=backend.model_name,
+                    device=backend.device,
+                    dtype=backend.dtype,
+                    cache_hits=scores.cache_hits,
+                    pairs_scored=scores.pairs_scored,
+                )
+            except Overloaded:
+                raise
+            except TimeoutError:
+                reason = "deadline"
+            except BatcherClosed:
+                reason = "shutting_down"
+            except Exception:
+                log.exception("reranking failed")
+                reason = "model_error"
+            duration_s = timings.record("rerank", stage)
+            if reason is not None:
+                if self._settings.fail_mode == "closed":
+                    raise RerankUnavailable(reason)
+                report = RerankReport(
+                    applied=False,
+                    model=backend.model_name,
+                    device=backend.device,
+                    dtype=backend.dtype,
+                    fail_open=True,
+                    reason=reason,
+                )
+            log_stage(
+                "rerank",
+                duration_s,
+                documents=len(documents),
+                cache_hits=report.cache_hits,
+                pairs_scored=report.pairs_scored,
+                fail_open=report.fail_open,
+                reason=report.reason,
+            )
+        stage = time.perf_counter()
+        hits = self._final_order(candidates, logits)[:k]
+        log_stage("normalize", timings.record("normalize", stage), hits=len(hits))
+        return hits, report
+
+    def _final_order(
+        self, candidates: Sequence[Candidate], logits: list[float] | None
+    ) -> list[RankedHit]:
+        first_stage = minmax_first_stage([c.fused_score for c in candidates])
+        if logits is None:
+            return [
+                RankedHit(candidate, rank, None, score)
+                for rank, (candidate, score) in enumerate(
+                    zip(candidates, first_stage, strict=True), 1
+                )
+            ]
+        normalized = normalize_scores(logits, self._settings.normalization)
+        final = blend(normalized, first_stage, self._settings.alpha)
+        ranked = [
+            RankedHit(candidate, rank, logit, score)
+            for rank, (candidate, logit, score) in enumerate(
+                zip(candidates, logits, final, strict=True), 1
+            )
+        ]
+        ranked.sort(key=lambda hit: (-hit.score, hit.first_stage_rank))
+        return ranked
+
+    async def _embed(self, text: str) -> tuple[list[float], bool]:
+        key = normalize_query(text)
+        if (vector := self._query_vectors.get(key)) is not None:
+            return vector, True
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._embed_executor, self._encoder.embed, [text])
+        self._query_vectors[key] = vectors[0]
+        return vectors[0], False
+
+
+def document_text(source: Mapping[str, Any], document_fields: Sequence[str]) -> str:
+    """What the cross-encoder reads of a document: its text fields joined, in the given order."""
+    return " ".join(
+        str(source[f]) for f in document_fields if isinstance(source.get(f), str | int | float)
+    ).strip()

@@ -1,0 +1,52 @@
+"""The rerank score cache: repeated (query, document) pairs skip inference.
+
+Keys carry the model's identity, so a new model or revision never reads old scores; they carry a
+hash of the document's text, so an updated document is scored again. Touched only from the event
+loop thread (the reranker's owner), so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+
+from cachetools import TTLCache
+
+CacheKey = tuple[str, str, str, str]
+
+
+def normalize_query(text: str) -> str:
+    """Unicode-normalized, case-folded, whitespace-collapsed: queries that differ only in those
+    ways share cache entries (the cross-encoders we serve are uncased or nearly so)."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def content_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+class ScoreCache:
+    """LRU + TTL, bounded by entry count (one entry: a key of four short strings and a float)."""
+
+    def __init__(
+        self, max_entries: int, ttl_s: float, timer: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._scores: TTLCache[CacheKey, float] = TTLCache(
+            maxsize=max_entries, ttl=ttl_s, timer=timer
+        )
+
+    @staticmethod
+    def key(model_identity: str, query: str, doc_id: str, text: str) -> CacheKey:
+        return (model_identity, normalize_query(query), doc_id, content_hash(text))
+
+    def get_many(self, keys: Sequence[CacheKey]) -> list[float | None]:
+        return [self._scores.get(key) for key in keys]
+
+    def put_many(self, keys: Sequence[CacheKey], scores: Sequence[float]) -> None:
+        for key, score in zip(keys, scores, strict=True):
+            self._scores[key] = score
+
+    def __len__(self) -> int:
+        return len(self._scores)

@@ -1,0 +1,84 @@
+"""The first stage's connection to OpenSearch: one async client, explicit timeouts, and one mapping
+from upstream failures to the status and OpenSearch-shaped body the sidecar answers with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opensearchpy import AsyncOpenSearch
+from opensearchpy.exceptions import ConnectionError as TransportConnectionError
+from opensearchpy.exceptions import ConnectionTimeout, TransportError
+
+
+class UpstreamError(Exception):
+    """OpenSearch refused or failed a request; `status` and `body` are what the client should see."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.body = body
+
+
+def error_body(status: int, error_type: str, reason: str) -> dict[str, Any]:
+    """OpenSearch's error shape, so clients parse the sidecar's errors like the cluster's."""
+    cause = {"type": error_type, "reason": reason}
+    return {"error": {"root_cause": [cause], **cause}, "status": status}
+
+
+class Upstream:
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.client = AsyncOpenSearch(hosts=[url], timeout=timeout_s, max_retries=0)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def reachable(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except TransportError:
+            return False
+
+    async def search(
+        self, index: str | None, body: Mapping[str, Any], params: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        try:
+            response: dict[str, Any] = await self.client.search(
+                index=index, body=body, params=dict(params or {})
+            )
+        except TransportError as error:
+            raise _as_upstream_error(error) from error
+        return response
+
+    async def msearch(
+        self, index: str, bodies: Sequence[Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Run `bodies` against `index` in one round trip; any failed item fails the whole call."""
+        lines: list[Mapping[str, Any]] = []
+        for body in bodies:
+            lines.extend(({"index": index}, body))
+        try:
+            response = await self.client.msearch(body=lines)
+        except TransportError as error:
+            raise _as_upstream_error(error) from error
+        results: list[dict[str, Any]] = response["responses"]
+        for result in results:
+            if "error" in result:
+                status = int(result.get("status", 500))
+                raise UpstreamError(status, {"error": result["error"], "status": status})
+        return results
+
+
+def _as_upstream_error(error: TransportError) -> UpstreamError:
+    if isinstance(error, ConnectionTimeout):
+        return UpstreamError(
+            504, error_body(504, "upstream_timeout", "OpenSearch did not answer in time")
+        )
+    if isinstance(error, TransportConnectionError):
+        return UpstreamError(
+            502, error_body(502, "upstream_unreachable", "OpenSearch is unreachable")
+        )
+    status = error.status_code if isinstance(error.status_code, int) else 502
+    if isinstance(error.info, dict) and "error" in error.info:
+        return UpstreamError(status, error.info)
+    return UpstreamError(status, error_body(status, "upstream_error", str(error.error)))

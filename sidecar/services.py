@@ -1,0 +1,24 @@
+"""The long-lived pieces a running sidecar serves requests with, built once by `create_app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from sidecar.config import Settings
+from sidecar.pipeline import SearchPipeline
+from sidecar.retrieval.opensearch import Upstream
+
+
+@dataclass
+class Services:
+    settings: Settings
+    pipeline: SearchPipeline
+    # First-stage client (opensearch-py, JSON in and out).
+    upstream: Upstream
+    # Pass-through client (raw bytes) and its target, without credentials: clients bring their own.
+    session: aiohttp.ClientSession
+    upstream_url: URL
+    models_loaded: bool = True

@@ -1,0 +1,417 @@
+"""The sidecar end to end: real app on a real port, real OpenSearch, real models, opensearch-py
+pointed at the sidecar exactly as a user's client would be."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import NotFoundError, RequestError, TransportError
+from sentence_transformers import CrossEncoder
+
+from sidecar.app import create_app
+from sidecar.config import Settings
+from sidecar.embedding import BiEncoder
+from sidecar.pipeline import document_text
+from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
+from sidecar.retrieval.queries import build_lexical_search, build_vector_search
+from tests.integration.conftest import Cluster
+from tests.integration.sidecar_server import RunningSidecar
+
+pytestmark = pytest.mark.integration
+
+QUERY = "how do I make sure cleanup code runs even when an error is raised"
+
+
+def sidecar_settings(opensearch: Cluster, model: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "opensearch_url": opensearch.url,
+        "reranker_model": str(model),
+        "reranker_dtype": "float32",
+        "reranker_max_length": 128,
+        "request_timeout_s": 120.0,
+        "max_candidates": 200,
+        "max_body_bytes": 64 * 1024,
+    }
+    return Settings(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def sidecar(
+    opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path, pydoc_index: str
+) -> Iterator[RunningSidecar]:
+    server = RunningSidecar(
+        create_app(sidecar_settings(opensearch, tiny_cross_encoder), encoder=encoder)
+    )
+    yield server
+    server.stop()
+
+
+def post(
+    url: str, body: Any, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+def search(sidecar: RunningSidecar, **body: Any) -> dict[str, Any]:
+    status, answer, _ = post(f"{sidecar.url}/v1/search", body)
+    assert status == 200, answer
+    return answer
+
+
+def ranks_alone(cluster: Cluster, body: dict[str, Any], index: str) -> dict[str, tuple[int, float]]:
+    hits = cluster.client.search(index=index, body=body)["hits"]["hits"]
+    return {hit["_id"]: (rank, hit["_score"]) for rank, hit in enumerate(hits, start=1)}
+
+
+@pytest.mark.parametrize("fusion", ["convex", "rrf", "server"])
+def test_provenance_is_exact_against_each_subquery_alone(
+    sidecar: RunningSidecar, opensearch: Cluster, encoder: BiEncoder, pydoc_index: str, fusion: str
+) -> None:
+    candidates = 40
+    answer = search(
+        sidecar,
+        index=pydoc_index,
+        query=QUERY,
+        k=candidates,
+        candidates=candidates,
+        fusion=fusion,
+        rerank=False,
+    )
+    lexical = ranks_alone(opensearch, build_lexical_search(QUERY, candidates), pydoc_index)
+    vector = ranks_alone(
+        opensearch, build_vector_search(encoder.embed([QUERY])[0], candidates), pydoc_index
+    )
+    assert answer["candidates"] <= 2 * candidates
+    assert len(answer["hits"]) == candidates
+    seen_in_one = 0
+    for hit in answer["hits"]:
+        for name, alone in (("lexical", lexical), ("vector", vector)):
+            reported = hit["sources"][name]
+            if hit["id"] in alone:
+                rank, score = alone[hit["id"]]
+                assert reported is not None, (name, hit["id"])
+                assert reported["rank"] == rank
+                assert reported["score"] == pytest.approx(score, rel=1e-5)
+            else:
+                assert reported is None, (name, hit["id"])
+        seen_in_one += (hit["sources"]["lexical"] is None) != (hit["sources"]["vector"] is None)
+    assert seen_in_one > 0, "the query should have candidates found by only one retriever"
+    first_stage = [hit["first_stage"]["rank"] for hit in answer["hits"]]
+    assert first_stage == list(range(1, candidates + 1)), "rerank off keeps the first-stage order"
+
+
+def test_final_order_is_the_cross_encoders_own_order(
+    sidecar: RunningSidecar, tiny_cross_encoder: Path, pydoc_index: str
+) -> None:
+    answer = search(sidecar, index=pydoc_index, query=QUERY, k=20, candidates=20)
+    assert answer["rerank"]["applied"] is True
+    assert answer["rerank"]["pairs_scored"] + answer["rerank"]["cache_hits"] == 20
+    model = CrossEncoder(str(tiny_cross_encoder), device="cpu", max_length=128)
+    pairs = [(QUERY, document_text(hit["source"], ("title", "text"))) for hit in answer["hits"]]
+    import torch
+
+    own = model.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True).tolist()
+    assert [h["rerank_score"] for h in answer["hits"]] == pytest.approx(own, abs=1e-4)
+    assert [h["id"] for h in answer["hits"]] == [
+        h["id"] for _, h in sorted(zip(own, answer["hits"], strict=True), key=lambda pair: -pair[0])
+    ]
+    scores = [h["score"] for h in answer["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 < s < 1.0 for s in scores), "sigmoid of the logit"
+    assert set(answer["timings_ms"]) == {"embed", "retrieve", "rerank", "normalize", "total"}
+
+
+def test_repeated_request_is_served_from_the_score_cache(
+    sidecar: RunningSidecar, pydoc_index: str
+) -> None:
+    body = {
+        "index": pydoc_index,
+        "query": "  What does the WITH statement do?  ",
+        "k": 5,
+        "candidates": 30,
+    }
+    first = search(sidecar, **body)
+    second = search(sidecar, **(body | {"query": "what does the with statement do?"}))
+    assert first["rerank"]["cache_hits"] == 0
+    assert second["rerank"]["cache_hits"] == 30
+    assert second["rerank"]["pairs_scored"] == 0
+    assert [h["id"] for h in second["hits"]] == [h["id"] for h in first["hits"]]
+
+
+class StalledBackend:
+    """The real cross-encoder behind a gate: scoring waits until the test opens it."""
+
+    def __init__(self, inner: CrossEncoderBackend) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.identity, self.model_name = inner.identity, inner.model_name
+        self.device, self.dtype, self.max_length = inner.device, inner.dtype, inner.max_length
+
+    def prepare(self, *args: Any) -> list[list[ScoringPair]]:
+        return self.inner.prepare(*args)
+
+    def score(self, pairs: Sequence[ScoringPair]) -> list[float]:
+        self.gate.wait(timeout=60)
+        return self.inner.score(pairs)
+
+
+@pytest.mark.parametrize("fail_mode", ["open", "closed"])
+def test_slow_model_fails_open_to_the_first_stage_order_or_closed_with_503(
+    opensearch: Cluster,
+    encoder: BiEncoder,
+    tiny_cross_encoder: Path,
+    pydoc_index: str,
+    fail_mode: str,
+) -> None:
+    backend = StalledBackend(
+        CrossEncoderBackend(str(tiny_cross_encoder), device="cpu", dtype="float32", max_length=128)
+    )
+    settings = sidecar_settings(
+        opensearch, tiny_cross_encoder, request_timeout_s=1.0, fail_mode=fail_mode
+    )
+    server = RunningSidecar(create_app(settings, backend=backend, encoder=encoder))
+    try:
+        status, answer, _ = post(
+            f"{server.url}/v1/search",
+            {"index": pydoc_index, "query": QUERY, "k": 5, "candidates": 20},
+        )
+    finally:
+        backend.gate.set()
+        server.stop()
+    if fail_mode == "open":
+        assert status == 200
+        assert answer["rerank"] | {"model": None} == {
+            "applied": False,
+            "model": None,
+            "device": "cpu",
+            "dtype": "float32",
+            "cache_hits": 0,
+            "pairs_scored": 0,
+            "fail_open": True,
+            "reason": "deadline",
+        }
+        assert [h["first_stage"]["rank"] for h in answer["hits"]] == [1, 2, 3, 4, 5]
+        assert all(h["rerank_score"] is None for h in answer["hits"])
+    else:
+        assert status == 503
+        assert answer["error"]["type"] == "rerank_unavailable_exception"
+
+
+def test_admission_bound_answers_429_with_retry_after(
+    opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path, pydoc_index: str
+) -> None:
+    settings = sidecar_settings(opensearch, tiny_cross_encoder, rerank_max_pending_pairs=10)
+    backend = CrossEncoderBackend(
+        str(tiny_cross_encoder), device="cpu", dtype="float32", max_length=128
+    )
+    server = RunningSidecar(create_app(settings, backend=backend, encoder=encoder))
+    try:
+        status, answer, headers = post(
+            f"{server.url}/v1/search", {"index": pydoc_index, "query": QUERY, "candidates": 20}
+        )
+    finally:
+        server.stop()
+    assert status == 429
+    assert answer["error"]["type"] == "rejected_execution_exception"
+    assert int(headers["Retry-After"]) >= 1
+
+
+def test_intercepted_search_is_reranked_in_opensearch_shape(
+    sidecar: RunningSidecar, opensearch: Cluster, pydoc_index: str
+) -> None:
+    through_sidecar = OpenSearch(hosts=[sidecar.url], timeout=120)
+    body = {
+        "query": {"match": {"text": "exception"}},
+        "size": 5,
+        "ext": {"rerank": {"query_context": {"query_text": QUERY}, "window": 30}},
+    }
+    answer = through_sidecar.search(index=pydoc_index, body=body)
+    direct = opensearch.client.search(index=pydoc_index, body={"query": body["query"], "size": 30})
+    direct_scores = {hit["_id"]: hit["_score"] for hit in direct["hits"]["hits"]}
+    hits = answer["hits"]["hits"]
+    assert len(hits) == 5
+    assert answer["ext"]["rerank"]["applied"] is True
+    for hit in hits:
+        assert hit["_id"] in direct_scores
+        assert hit["_rerank"]["first_stage_score"] == pytest.approx(direct_scores[hit["_id"]])
+        assert list(direct_scores)[hit["_rerank"]["first_stage_rank"] - 1] == hit["_id"]
+    assert [h["_score"] for h in hits] == sorted((h["_score"] for h in hits), reverse=True)
+    assert answer["hits"]["max_score"] == hits[0]["_score"]
+    assert answer["took"] >= 0
+
+
+def test_search_without_rerank_ext_passes_through_untouched(
+    sidecar: RunningSidecar, opensearch: Cluster, pydoc_index: str
+) -> None:
+    body = {"query": {"match": {"title": "statement"}}, "size": 7}
+    through = OpenSearch(hosts=[sidecar.url]).search(index=pydoc_index, body=body)
+    direct = opensearch.client.search(index=pydoc_index, body=body)
+    assert [(h["_id"], h["_score"]) for h in through["hits"]["hits"]] == [
+        (h["_id"], h["_score"]) for h in direct["hits"]["hits"]
+    ]
+
+
+def test_writes_and_reads_pass_through(sidecar: RunningSidecar, opensearch: Cluster) -> None:
+    client = OpenSearch(hosts=[sidecar.url])
+    index = "test-pass-through"
+    try:
+        client.indices.create(index=index, body={"settings": {"number_of_replicas": 0}})
+        client.index(index=index, id="a", body={"title": "ü → unicode", "n": 1})
+        client.bulk(
+            body=[
+                {"index": {"_index": index, "_id": str(i)}} if i % 2 == 0 else {"n": i}
+                for i in range(200)
+            ]
+        )
+        client.indices.refresh(index=index)
+        assert (
+            client.count(index=index)["count"]
+            == opensearch.client.count(index=index)["count"]
+            == 101
+        )
+        assert client.get(index=index, id="a")["_source"] == {"title": "ü → unicode", "n": 1}
+        with pytest.raises(NotFoundError):
+            client.get(index=index, id="absent")
+        assert client.indices.exists(index=index) is True
+    finally:
+        opensearch.client.indices.delete(index=index, ignore_unavailable=True)
+
+
+def test_request_id_is_honoured_or_generated(sidecar: RunningSidecar, pydoc_index: str) -> None:
+    _, _, headers = post(
+        f"{sidecar.url}/v1/search",
+        {"index": pydoc_index, "query": "x", "rerank": False},
+        {"X-Request-Id": "abc-123"},
+    )
+    assert headers["X-Request-Id"] == "abc-123"
+    with urllib.request.urlopen(f"{sidecar.url}/_cluster/health") as response:
+        assert len(response.headers["X-Request-Id"]) == 32
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error_type", "reason"),
+    [
+        (b"{not json", 400, "parsing_exception", "not valid JSON"),
+        ([1, 2], 400, "parsing_exception", "must be a JSON object"),
+        ({"index": "test-pydoc"}, 400, "illegal_argument_exception", "[query] is required"),
+        (
+            {"index": "test-pydoc", "query": "   "},
+            400,
+            "illegal_argument_exception",
+            "[query] must not be empty",
+        ),
+        (
+            {"index": "test-pydoc", "query": 5},
+            400,
+            "illegal_argument_exception",
+            "[query] must be a string",
+        ),
+        (
+            {"index": "test-pydoc", "query": "q", "k": "10"},
+            400,
+            "illegal_argument_exception",
+            "[k] must be an integer",
+        ),
+        (
+            {"index": "test-pydoc", "query": "q", "k": 50, "candidates": 20},
+            400,
+            "illegal_argument_exception",
+            "must not exceed [candidates]",
+        ),
+        (
+            {"index": "test-pydoc", "query": "q", "candidates": 5000},
+            400,
+            "illegal_argument_exception",
+            "above the maximum 200",
+        ),
+        (
+            {"index": "test-pydoc", "query": "q", "fusion": "magic"},
+            400,
+            "illegal_argument_exception",
+            "[fusion] must be one of",
+        ),
+        (
+            {"index": "test-pydoc", "query": "q", "weights": [1]},
+            400,
+            "illegal_argument_exception",
+            "[weights] must be",
+        ),
+        (
+            {"index": "test-pydoc", "query": "q", "querry": "typo"},
+            400,
+            "illegal_argument_exception",
+            "unknown field(s) querry",
+        ),
+        (
+            {"index": "no-such-index", "query": "q"},
+            404,
+            "index_not_found_exception",
+            "no such index",
+        ),
+        (b"x" * (65 * 1024), 413, "content_too_long_exception", "larger than"),
+    ],
+)
+def test_bad_input_gets_a_4xx_in_opensearch_error_shape(
+    sidecar: RunningSidecar, pydoc_index: str, body: Any, status: int, error_type: str, reason: str
+) -> None:
+    got_status, answer, _ = post(f"{sidecar.url}/v1/search", body)
+    assert got_status == status, answer
+    assert answer["status"] == status
+    assert answer["error"]["type"] == error_type
+    assert answer["error"]["root_cause"][0]["type"] == error_type
+    assert reason in answer["error"]["reason"]
+
+
+def test_query_text_cannot_inject_query_dsl(sidecar: RunningSidecar, pydoc_index: str) -> None:
+    hostile = '"}}, {"match_all": {}}, {"match": {"text": "'
+    answer = search(sidecar, index=pydoc_index, query=hostile, k=5, candidates=10, rerank=False)
+    assert len(answer["hits"]) == 5
+    lexical_found = [h for h in answer["hits"] if h["sources"]["lexical"] is not None]
+    assert all(h["sources"]["lexical"]["score"] > 0 for h in lexical_found)
+
+
+def test_intercepted_search_with_bad_ext_is_a_400(
+    sidecar: RunningSidecar, pydoc_index: str
+) -> None:
+    client = OpenSearch(hosts=[sidecar.url])
+    with pytest.raises(RequestError) as raised:
+        client.search(
+            index=pydoc_index, body={"query": {"match_all": {}}, "ext": {"rerank": {"window": 10}}}
+        )
+    assert raised.value.status_code == 400
+    with pytest.raises(TransportError) as too_small:
+        client.search(
+            index=pydoc_index,
+            body={
+                "size": 20,
+                "ext": {"rerank": {"query_context": {"query_text": "q"}, "window": 10}},
+            },
+        )
+    assert too_small.value.status_code == 400
+
+
+def test_readiness_reports_models_and_upstream(sidecar: RunningSidecar) -> None:
+    with urllib.request.urlopen(f"{sidecar.url}/readyz") as response:
+        assert json.loads(response.read()) == {
+            "ready": True,
+            "models_loaded": True,
+            "upstream": True,
+        }
+    with urllib.request.urlopen(f"{sidecar.url}/healthz") as response:
+        assert response.status == 200

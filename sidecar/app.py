@@ -13,10 +13,10 @@ from yarl import URL
 
 from sidecar.api import proxy
 from sidecar.api.routes import SERVICES, add_routes, edge
-from sidecar.config import Settings
+from sidecar.config import Settings, SettingsError
 from sidecar.embedding import BiEncoder
 from sidecar.pipeline import SearchPipeline
-from sidecar.rerank.backend import CrossEncoderBackend, RerankBackend
+from sidecar.rerank.backend import CrossEncoderBackend, RerankBackend, hub_model_available
 from sidecar.rerank.batcher import BatchLimits, MicroBatcher
 from sidecar.rerank.cache import ScoreCache
 from sidecar.rerank.reranker import Reranker
@@ -55,6 +55,7 @@ def create_app(
             max_batch_tokens=settings.rerank_max_batch_tokens,
             max_wait_s=settings.rerank_max_wait_s,
             max_pending_pairs=settings.rerank_max_pending_pairs,
+            merge_requests=settings.rerank_cross_request_batching,
         )
         batcher = MicroBatcher(reranker_backend.score, limits, model_executor)
         await batcher.start()
@@ -99,7 +100,14 @@ def create_app(
 
 
 def load_cross_encoder(settings: Settings) -> CrossEncoderBackend:
-    """The configured cross-encoder, warmed up by one forward pass."""
+    """The configured cross-encoder, warmed up by one forward pass.
+
+    Raises SettingsError at once when the model is neither local nor reachable on the Hub."""
+    if not hub_model_available(settings.reranker_model):
+        raise SettingsError(
+            f"SIDECAR_RERANKER_MODEL={settings.reranker_model!r} is not a local directory, not in the "
+            "Hugging Face cache, and the Hub is unreachable: point it at a local model directory"
+        )
     backend = CrossEncoderBackend(
         settings.reranker_model,
         device=settings.device,

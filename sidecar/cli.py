@@ -111,6 +111,26 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     load.set_defaults(handler=_index_load)
 
+    bench = commands.add_parser("bench", help="closed-loop load against a running sidecar")
+    bench.add_argument(
+        "--url", default=None, help="sidecar URL (default: http://LISTEN_HOST:LISTEN_PORT)"
+    )
+    bench.add_argument(
+        "--opensearch", help="also send the same hybrid request straight to this OpenSearch"
+    )
+    bench.add_argument("--index", required=True)
+    bench.add_argument(
+        "--queries", type=Path, required=True, help="BEIR queries.jsonl or one query per line"
+    )
+    bench.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
+    bench.add_argument("--duration-s", type=float, default=20.0, help="per level")
+    bench.add_argument("--candidates", type=int, default=100)
+    bench.add_argument("--k", type=int, default=10)
+    bench.add_argument("--fusion", choices=["server", "rrf", "convex"], default="server")
+    bench.add_argument("--no-rerank", action="store_true", help="first stage only")
+    bench.add_argument("--out", type=Path, help="write the figures as JSON here")
+    bench.set_defaults(handler=_bench)
+
     demo = commands.add_parser(
         "demo", help="load the bundled sample corpus and run an example query"
     )
@@ -214,10 +234,32 @@ def _index_load(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from sidecar.bench import benchmark, dump, print_table, read_queries
+
+    summaries = benchmark(
+        url=args.url or f"http://{settings.listen_host}:{settings.listen_port}",
+        opensearch_url=args.opensearch,
+        index=args.index,
+        queries=read_queries(args.queries),
+        concurrency_levels=[int(level) for level in args.concurrency.split(",")],
+        duration_s=args.duration_s,
+        candidates=args.candidates,
+        k=args.k,
+        fusion=args.fusion,
+        rerank=not args.no_rerank,
+        encoder=BiEncoder.from_settings(settings) if args.opensearch else None,
+    )
+    print_table(summaries)
+    if args.out:
+        dump(summaries, args.out)
+    return 0
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.demo import run_demo
 
-    run_demo(settings, _client(settings), args.index)
+    run_demo(settings, _client(settings), args.index, os.environ)
     return 0
 
 

@@ -106,6 +106,9 @@ class Settings:
     rerank_max_batch_tokens: int = 16_384
     rerank_max_wait_s: float = 0.002
     rerank_max_pending_pairs: int = 4096
+    # Merge pairs of concurrent requests into shared batches. Off: each request's pairs run on
+    # their own (as per-request CrossEncoder.predict would), still off the event loop and bounded.
+    rerank_cross_request_batching: bool = True
     # Score cache: entries (LRU) and how long a score stays valid.
     rerank_cache_entries: int = 200_000
     rerank_cache_ttl_s: float = 3600.0

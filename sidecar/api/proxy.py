@@ -35,7 +35,7 @@ _HOP_BY_HOP = frozenset(
 
 # aiohttp adds these when the client did not send them; a proxy must not (an added
 # Accept-Encoding would get the client a gzip body it never asked for).
-_NEVER_ADDED = frozenset({"Accept-Encoding", "User-Agent", "Content-Type"})
+_NEVER_ADDED = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 
 def create_session(timeout_s: float) -> aiohttp.ClientSession:
@@ -52,10 +52,12 @@ async def read_body(request: web.Request, max_body_bytes: int) -> bytes:
     """The whole request body, refusing more than `max_body_bytes` with 413."""
     if request.content_length is not None and request.content_length > max_body_bytes:
         raise _too_large(max_body_bytes)
-    body = await request.content.read(max_body_bytes + 1)
-    if len(body) > max_body_bytes or not request.content.at_eof():
-        raise _too_large(max_body_bytes)
-    return body
+    body = bytearray()
+    while chunk := await request.content.read(max_body_bytes + 1 - len(body)):
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise _too_large(max_body_bytes)
+    return bytes(body)
 
 
 async def forward(
@@ -111,9 +113,15 @@ async def forward(
 
 
 def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """`headers` less the hop-by-hop ones, including any the Connection header names."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+    }
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        if name.lower() not in _HOP_BY_HOP:
+        if name.lower() not in _HOP_BY_HOP and name.lower() not in named:
             kept.add(name, value)
     return kept
 

@@ -102,7 +102,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     raw = await proxy.read_body(request, settings.max_body_bytes) if request.can_read_body else b""
     try:
         body = json.loads(raw) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         body = None
     ext = body.get("ext") if isinstance(body, dict) else None
     if not (isinstance(body, dict) and isinstance(ext, dict) and "rerank" in ext):

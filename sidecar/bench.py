@@ -1,0 +1,208 @@
+"""`sidecar bench`: closed-loop load against a running sidecar, optionally side by side with the same
+first-stage request sent straight to OpenSearch. Prints figures; asserts nothing about time."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from sidecar.embedding import BiEncoder
+from sidecar.indexing.templates import HYBRID_PIPELINE
+from sidecar.retrieval.queries import build_hybrid_search
+
+
+@dataclass
+class LevelResult:
+    """Figures for one target at one concurrency level."""
+
+    target: str
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    rejected: int = 0
+    fail_open: int = 0
+    pairs_scored: int = 0
+    duration_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    rerank_ms: list[float] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        def percentile(values: list[float], q: float) -> float | None:
+            return round(float(np.percentile(values, q)), 2) if values else None
+
+        return {
+            "target": self.target,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "throughput_rps": round(self.requests / self.duration_s, 2) if self.duration_s else 0.0,
+            "p50_ms": percentile(self.latencies_ms, 50),
+            "p95_ms": percentile(self.latencies_ms, 95),
+            "p99_ms": percentile(self.latencies_ms, 99),
+            "rerank_p50_ms": percentile(self.rerank_ms, 50),
+            "errors": self.errors,
+            "rejected_429": self.rejected,
+            "fail_open": self.fail_open,
+            "pairs_per_s": round(self.pairs_scored / self.duration_s, 1)
+            if self.duration_s
+            else 0.0,
+        }
+
+
+def read_queries(path: Path, limit: int | None = None) -> list[str]:
+    """Query texts from a BEIR queries.jsonl (one JSON object with `text` per line) or plain lines."""
+    texts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        texts.append(json.loads(line)["text"] if line.lstrip().startswith("{") else line.strip())
+    return texts[:limit] if limit else texts
+
+
+async def run_level(
+    target: str,
+    concurrency: int,
+    duration_s: float,
+    queries: Iterator[str],
+    send: Callable[[aiohttp.ClientSession, str, LevelResult], Awaitable[None]],
+) -> LevelResult:
+    """`concurrency` workers each send one request after another until `duration_s` has passed."""
+    result = LevelResult(target, concurrency)
+    deadline = time.perf_counter() + duration_s
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                query = next(queries)
+                started = time.perf_counter()
+                await send(session, query, result)
+                result.latencies_ms.append((time.perf_counter() - started) * 1000)
+                result.requests += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.duration_s = time.perf_counter() - started
+    return result
+
+
+def sidecar_sender(
+    url: str, index: str, candidates: int, k: int, fusion: str, rerank: bool
+) -> Callable[[aiohttp.ClientSession, str, LevelResult], Awaitable[None]]:
+    async def send(session: aiohttp.ClientSession, query: str, result: LevelResult) -> None:
+        body = {
+            "index": index,
+            "query": query,
+            "k": k,
+            "candidates": candidates,
+            "fusion": fusion,
+            "rerank": rerank,
+        }
+        async with session.post(f"{url}/v1/search", json=body) as response:
+            answer = await response.json()
+            if response.status == 429:
+                result.rejected += 1
+            elif response.status != 200:
+                result.errors += 1
+            else:
+                result.fail_open += bool(answer["rerank"]["fail_open"])
+                result.pairs_scored += answer["rerank"]["pairs_scored"]
+                if answer["rerank"]["applied"]:
+                    result.rerank_ms.append(answer["timings_ms"]["rerank"])
+
+    return send
+
+
+def direct_sender(
+    opensearch_url: str, index: str, candidates: int, vectors: dict[str, list[float]]
+) -> Callable[[aiohttp.ClientSession, str, LevelResult], Awaitable[None]]:
+    """The sidecar's `server`-fusion hybrid request, embedded in advance, sent straight to OpenSearch."""
+
+    async def send(session: aiohttp.ClientSession, query: str, result: LevelResult) -> None:
+        body = build_hybrid_search(query, vectors[query], candidates)
+        target = f"{opensearch_url}/{index}/_search?search_pipeline={HYBRID_PIPELINE}"
+        async with session.post(target, json=body) as response:
+            await response.read()
+            if response.status != 200:
+                result.errors += 1
+
+    return send
+
+
+def benchmark(
+    *,
+    url: str,
+    opensearch_url: str | None,
+    index: str,
+    queries: Sequence[str],
+    concurrency_levels: Sequence[int],
+    duration_s: float,
+    candidates: int,
+    k: int,
+    fusion: str,
+    rerank: bool,
+    encoder: BiEncoder | None,
+) -> list[dict[str, Any]]:
+    """Every level against the sidecar, then (with `opensearch_url`) the same levels straight to
+    OpenSearch. Queries are used in order and not repeated while any are left, so the score
+    cache stays cold unless the run outlasts the query list."""
+    cursor = itertools.cycle(queries)
+    summaries = []
+    send = sidecar_sender(url, index, candidates, k, fusion, rerank)
+    for level in concurrency_levels:
+        result = asyncio.run(run_level("sidecar", level, duration_s, cursor, send))
+        summaries.append(result.summary())
+        print(json.dumps(summaries[-1]), flush=True)
+    if opensearch_url and encoder is not None:
+        vectors = dict(zip(queries, encoder.embed(list(queries)), strict=True))
+        direct = direct_sender(opensearch_url, index, candidates, vectors)
+        for level in concurrency_levels:
+            result = asyncio.run(
+                run_level("opensearch", level, duration_s, itertools.cycle(queries), direct)
+            )
+            summaries.append(result.summary())
+            print(json.dumps(summaries[-1]), flush=True)
+    return summaries
+
+
+def print_table(summaries: Sequence[dict[str, Any]]) -> None:
+    columns = (
+        "target",
+        "concurrency",
+        "requests",
+        "throughput_rps",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "rerank_p50_ms",
+        "errors",
+        "rejected_429",
+        "fail_open",
+        "pairs_per_s",
+    )
+    print("\n" + " | ".join(columns))
+    for row in summaries:
+        print(" | ".join(str(row[c]) for c in columns))
+    by_level = {(row["target"], row["concurrency"]): row for row in summaries}
+    for (target, level), row in by_level.items():
+        direct = by_level.get(("opensearch", level))
+        if target == "sidecar" and direct and direct["p50_ms"]:
+            print(
+                f"concurrency {level}: sidecar p50 / OpenSearch p50 = {row['p50_ms'] / direct['p50_ms']:.2f}"
+                f" ({row['p50_ms'] - direct['p50_ms']:+.1f} ms)"
+            )
+
+
+def dump(summaries: Sequence[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(list(summaries), indent=2) + "\n")

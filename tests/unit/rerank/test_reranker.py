@@ -1,0 +1,90 @@
+"""Reranker orchestration with a fake backend: chunk maxima, cache use, and what reaches the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from sidecar.config import Truncation
+from sidecar.rerank.backend import ScoringPair
+from sidecar.rerank.batcher import BatchLimits, MicroBatcher
+from sidecar.rerank.cache import ScoreCache
+from sidecar.rerank.reranker import RerankDocument, Reranker, RerankScores
+
+
+class FakeBackend:
+    """Scores a pair by how often the query's first word occurs in it; `max_chunk` splits on '|'."""
+
+    identity = "fake@1"
+    model_name = "fake"
+    device = "cpu"
+    dtype = "float32"
+    max_length = 512
+
+    def __init__(self) -> None:
+        self.scored: list[str] = []
+
+    def prepare(
+        self, query: str, texts: Sequence[str], truncation: Truncation, overlap_tokens: int
+    ) -> list[list[ScoringPair]]:
+        split = (lambda t: t.split("|")) if truncation == "max_chunk" else (lambda t: [t])
+        return [
+            [ScoringPair(query, part, len(part.split())) for part in split(text)] for text in texts
+        ]
+
+    def score(self, pairs: Sequence[ScoringPair]) -> list[float]:
+        self.scored.extend(pair.text for pair in pairs)
+        return [float(pair.text.split().count(pair.query.split()[0])) for pair in pairs]
+
+
+def rerank(
+    backend: FakeBackend,
+    cache: ScoreCache,
+    executor: ThreadPoolExecutor,
+    query: str,
+    documents: list[RerankDocument],
+    truncation: Truncation,
+) -> RerankScores:
+    """One Reranker.score call with a fresh batcher around the shared backend and cache."""
+
+    async def run() -> RerankScores:
+        batcher: MicroBatcher[ScoringPair] = MicroBatcher(backend.score, BatchLimits(), executor)
+        await batcher.start()
+        try:
+            reranker = Reranker(backend, batcher, cache, executor, overlap_tokens=0)
+            return await reranker.score(query, documents, truncation)
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(run())
+
+
+def test_document_score_is_the_best_chunk_and_scores_keep_document_order() -> None:
+    backend = FakeBackend()
+    with ThreadPoolExecutor(1) as executor:
+        documents = [
+            RerankDocument("a", "x | cat cat | x"),
+            RerankDocument("b", "cat"),
+            RerankDocument("c", "dog"),
+        ]
+        result = rerank(backend, ScoreCache(100, 60.0), executor, "cat", documents, "max_chunk")
+    assert result.logits == [2.0, 1.0, 0.0]
+    assert result.pairs_scored == 5
+    assert result.cache_hits == 0
+
+
+def test_cached_documents_skip_the_model_and_truncation_modes_do_not_share_scores() -> None:
+    backend = FakeBackend()
+    cache = ScoreCache(100, 60.0)
+    documents = [RerankDocument("a", "cat | cat cat"), RerankDocument("b", "cat dog")]
+    with ThreadPoolExecutor(1) as executor:
+        first = rerank(backend, cache, executor, "cat", documents, "first")
+        scored_once = len(backend.scored)
+        again = rerank(backend, cache, executor, "CAT ", documents, "first")
+        assert len(backend.scored) == scored_once, "the repeat must not reach the model"
+        chunked = rerank(backend, cache, executor, "cat", documents, "max_chunk")
+    assert again.logits == first.logits
+    assert again.cache_hits == 2
+    assert chunked.cache_hits == 0
+    assert chunked.logits == [2.0, 1.0]

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
+from sidecar import __version__
 from sidecar.api import proxy
 from sidecar.api.routes import SERVICES, add_routes, edge
 from sidecar.config import Settings, SettingsError
 from sidecar.embedding import BiEncoder
+from sidecar.metrics import Metrics
 from sidecar.pipeline import SearchPipeline
 from sidecar.rerank.backend import CrossEncoderBackend, RerankBackend, hub_model_available
 from sidecar.rerank.batcher import BatchLimits, MicroBatcher
@@ -27,11 +30,17 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings, *, backend: RerankBackend | None = None, encoder: BiEncoder | None = None
+    settings: Settings,
+    *,
+    backend: RerankBackend | None = None,
+    encoder: BiEncoder | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> web.Application:
     """The sidecar application. `backend` and `encoder` replace the configured models (tests,
     benchmarks); otherwise both are loaded, and the cross-encoder warmed up, before serving."""
     app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
+    metrics_registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(metrics_registry)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -57,9 +66,11 @@ def create_app(
             max_pending_pairs=settings.rerank_max_pending_pairs,
             merge_requests=settings.rerank_cross_request_batching,
         )
-        batcher = MicroBatcher(reranker_backend.score, limits, model_executor)
+        batcher = MicroBatcher(
+            reranker_backend.score, limits, model_executor, metrics.observe_batch
+        )
         await batcher.start()
-        upstream = Upstream(settings.opensearch_url, settings.upstream_timeout_s)
+        upstream = Upstream(settings.opensearch_url, settings.upstream_timeout_s, metrics)
         session = proxy.create_session(settings.upstream_timeout_s)
         cache = ScoreCache(settings.rerank_cache_entries, settings.rerank_cache_ttl_s)
         reranker = Reranker(
@@ -67,14 +78,27 @@ def create_app(
             batcher,
             cache,
             prepare_executor,
+            metrics,
             overlap_tokens=settings.chunk_overlap_tokens,
         )
         app[SERVICES] = Services(
             settings=settings,
-            pipeline=SearchPipeline(settings, query_encoder, upstream, reranker, embed_executor),
+            pipeline=SearchPipeline(
+                settings, query_encoder, upstream, reranker, embed_executor, metrics
+            ),
             upstream=upstream,
             session=session,
             upstream_url=URL(settings.opensearch_url).with_user(None),
+        )
+        metrics.build_info.labels(
+            version=__version__,
+            reranker=reranker_backend.identity,
+            device=reranker_backend.device,
+            dtype=reranker_backend.dtype,
+            embedding_model=query_encoder.model_name,
+        ).set(1)
+        metrics.track_gauges(
+            lambda: batcher.pending_pairs, gpu_memory_reader(reranker_backend.device)
         )
         log.info(
             "models ready",
@@ -95,8 +119,17 @@ def create_app(
                 executor.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(services)
-    add_routes(app)
+    add_routes(app, metrics_registry)
     return app
+
+
+def gpu_memory_reader(device: str) -> Callable[[], float] | None:
+    """Reads torch's allocated CUDA memory at scrape time; None on CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return lambda: float(torch.cuda.memory_allocated(device))
 
 
 def load_cross_encoder(settings: Settings) -> CrossEncoderBackend:

@@ -24,6 +24,7 @@ from sidecar.indexing.templates import IndexLayoutError, VectorOptions, create_i
 from sidecar.local_opensearch.artifacts import DownloadError
 from sidecar.local_opensearch.java import JavaError
 from sidecar.local_opensearch.node import LocalNode, NodeError, NodeStatus
+from sidecar.provenance import ProvenanceError
 
 log = logging.getLogger("sidecar")
 
@@ -37,6 +38,7 @@ _USER_ERRORS: tuple[type[Exception], ...] = (
     LoadError,
     IndexLayoutError,
     OpenSearchException,
+    ProvenanceError,
     ValueError,
 )
 
@@ -130,6 +132,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-rerank", action="store_true", help="first stage only")
     bench.add_argument("--out", type=Path, help="write the figures as JSON here")
     bench.set_defaults(handler=_bench)
+
+    provenance = commands.add_parser(
+        "provenance", help="share of the final top-k by retriever, rank and score range"
+    )
+    provenance.add_argument("--url", required=True, help="a running sidecar (its /metrics is read)")
+    provenance.set_defaults(handler=_provenance)
 
     demo = commands.add_parser(
         "demo", help="load the bundled sample corpus and run an example query"
@@ -253,6 +261,13 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     print_table(summaries)
     if args.out:
         dump(summaries, args.out)
+    return 0
+
+
+def _provenance(args: argparse.Namespace, settings: Settings) -> int:
+    from sidecar.provenance import fetch_metrics, format_report, parse_provenance
+
+    print(format_report(parse_provenance(fetch_metrics(args.url))))
     return 0
 
 

@@ -120,6 +120,8 @@ class Settings:
     normalization: Normalization = "sigmoid"
     # Final = alpha * normalized rerank + (1 - alpha) * min-max first-stage score.
     alpha: float = 1.0
+    # How many of each search's final hits the provenance metrics count (the "final top-k").
+    provenance_top_k: int = 10
     # Candidate depth: default and the most a request may ask for.
     default_candidates: int = 100
     max_candidates: int = 1000
@@ -162,6 +164,7 @@ class Settings:
             "default_candidates",
             "max_candidates",
             "max_body_bytes",
+            "provenance_top_k",
         ):
             _require(getattr(self, name) >= 1, f"SIDECAR_{name.upper()} must be at least 1")
         for name in ("rerank_cache_ttl_s", "request_timeout_s", "upstream_timeout_s"):

@@ -16,6 +16,7 @@ from cachetools import LRUCache
 from sidecar.config import Settings, Truncation
 from sidecar.embedding import BiEncoder
 from sidecar.logging import log_stage
+from sidecar.metrics import Metrics
 from sidecar.rerank.batcher import BatcherClosed, Overloaded
 from sidecar.rerank.cache import normalize_query
 from sidecar.rerank.reranker import RerankDocument, Reranker
@@ -73,12 +74,16 @@ class RankedHit:
     rerank_score: float | None
     # Final score in [0, 1]; see README "Scores".
     score: float
+    # The first-stage score min-max normalized over all candidates, in [0, 1].
+    first_stage_normalized: float
 
 
 @dataclass
 class Timings:
-    """Milliseconds per stage; a stage that did not run stays 0."""
+    """Milliseconds per stage for the response (a stage that did not run stays 0), each also
+    observed in the stage-duration histogram."""
 
+    metrics: Metrics
     values_ms: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
             ("embed", "retrieve", "rerank", "normalize", "total"), 0.0
@@ -88,6 +93,7 @@ class Timings:
     def record(self, stage: str, started: float) -> float:
         elapsed_s = time.perf_counter() - started
         self.values_ms[stage] = round(elapsed_s * 1000, 3)
+        self.metrics.stage_duration.labels(stage).observe(elapsed_s)
         return elapsed_s
 
 
@@ -107,8 +113,10 @@ class SearchPipeline:
         upstream: Upstream,
         reranker: Reranker,
         embed_executor: ThreadPoolExecutor,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
+        self.metrics = metrics
         self._encoder = encoder
         self._upstream = upstream
         self._reranker = reranker
@@ -122,7 +130,7 @@ class SearchPipeline:
 
         Raises UpstreamError, Overloaded (admission bound) and RerankUnavailable (fail-closed).
         """
-        timings = Timings()
+        timings = Timings(self.metrics)
         started = time.perf_counter()
         stage = time.perf_counter()
         vector, cached = await self._embed(request.query)
@@ -155,6 +163,14 @@ class SearchPipeline:
             timings,
         )
         log_stage("total", timings.record("total", started), hits=len(hits))
+        top = hits[: self._settings.provenance_top_k]
+        self.metrics.observe_provenance(
+            [c.provenance for c in candidates],
+            [
+                (h.candidate.provenance, h.first_stage_rank, h.first_stage_normalized, final_rank)
+                for final_rank, h in enumerate(top, start=1)
+            ],
+        )
         return SearchResult(hits=hits, candidates=candidates, rerank=report, timings=timings)
 
     async def rerank(
@@ -213,6 +229,7 @@ class SearchPipeline:
             if reason is not None:
                 if self._settings.fail_mode == "closed":
                     raise RerankUnavailable(reason)
+                self.metrics.fail_open.labels(reason).inc()
                 report = RerankReport(
                     applied=False,
                     model=backend.model_name,
@@ -241,17 +258,20 @@ class SearchPipeline:
         first_stage = minmax_first_stage([c.fused_score for c in candidates])
         if logits is None:
             return [
-                RankedHit(candidate, rank, None, score)
+                RankedHit(candidate, rank, None, score, score)
                 for rank, (candidate, score) in enumerate(
                     zip(candidates, first_stage, strict=True), 1
                 )
             ]
-        normalized = normalize_scores(logits, self._settings.normalization)
-        final = blend(normalized, first_stage, self._settings.alpha)
+        final = blend(
+            normalize_scores(logits, self._settings.normalization),
+            first_stage,
+            self._settings.alpha,
+        )
         ranked = [
-            RankedHit(candidate, rank, logit, score)
-            for rank, (candidate, logit, score) in enumerate(
-                zip(candidates, logits, final, strict=True), 1
+            RankedHit(candidate, rank, logit, score, normalized)
+            for rank, (candidate, logit, score, normalized) in enumerate(
+                zip(candidates, logits, final, first_stage, strict=True), 1
             )
         ]
         ranked.sort(key=lambda hit: (-hit.score, hit.first_stage_rank))

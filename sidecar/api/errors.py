@@ -37,6 +37,20 @@ def error_response(error: Exception) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
+def rejection_reason(error: Exception) -> str | None:
+    """The `sidecar_rejected_requests_total` reason for a refusal by the sidecar itself (errors
+    relayed from OpenSearch are not the sidecar's rejections)."""
+    if isinstance(error, Overloaded):
+        return "overloaded"
+    if isinstance(error, RerankUnavailable):
+        return "fail_closed"
+    if isinstance(error, ApiError) and error.status == 413:
+        return "too_large"
+    if isinstance(error, ApiError) and 400 <= error.status < 500:
+        return "bad_request"
+    return None
+
+
 def _classify(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
     if isinstance(error, ApiError):
         return error.status, error_body(error.status, error.error_type, error.reason), error.headers

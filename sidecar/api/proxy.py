@@ -5,6 +5,7 @@ streamed both ways. Only hop-by-hop headers are dropped, as any HTTP proxy must.
 from __future__ import annotations
 
 import logging
+import time
 
 import aiohttp
 from aiohttp import web
@@ -13,6 +14,7 @@ from yarl import URL
 
 from sidecar.api.errors import ApiError
 from sidecar.logging import request_id_var
+from sidecar.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ async def forward(
     session: aiohttp.ClientSession,
     upstream: URL,
     max_body_bytes: int,
+    metrics: Metrics,
     body: bytes | None = None,
 ) -> web.StreamResponse:
     """Send `request` upstream and stream the answer back. `body`: already read by the caller.
@@ -82,6 +85,8 @@ async def forward(
     payload = body if body is not None else (request.content if request.can_read_body else None)
     target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
     response: web.StreamResponse | None = None
+    started = time.perf_counter()
+    status = "error"
     try:
         async with session.request(
             request.method,
@@ -91,6 +96,7 @@ async def forward(
             allow_redirects=False,
             skip_auto_headers=_NEVER_ADDED,
         ) as answer:
+            status = str(answer.status)
             response = web.StreamResponse(status=answer.status, reason=answer.reason)
             response.headers.extend(_end_to_end(answer.headers))
             if (request_id := request_id_var.get()) is not None:
@@ -110,6 +116,9 @@ async def forward(
                 request.transport.close()
             return response
         raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+    finally:
+        metrics.upstream_requests.labels(status).inc()
+        metrics.upstream_duration.labels("proxy").observe(time.perf_counter() - started)
 
 
 def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

@@ -12,9 +12,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sidecar.api import proxy
-from sidecar.api.errors import ApiError, bad_request, error_response
+from sidecar.api.errors import ApiError, bad_request, error_response, rejection_reason
 from sidecar.api.schemas import parse_json_object, parse_rerank_ext, parse_search_request
 from sidecar.logging import request_id_var
 from sidecar.pipeline import RankedHit, RerankReport, Timings
@@ -22,10 +24,24 @@ from sidecar.retrieval.fusion import Candidate, SourceRank
 from sidecar.services import Services
 
 SERVICES = web.AppKey("services", Services)
+# Set by a handler whose request ends up elsewhere than its route says (intercept -> proxy).
+ROUTE_LABEL = web.RequestKey("route_label", str)
 _REQUEST_ID_MAX_CHARS = 128
 
 
-def add_routes(app: web.Application) -> None:
+# Route label of each path pattern, for metrics (a small fixed set: never the raw path).
+_ROUTE_LABELS = {
+    "/healthz": "health",
+    "/readyz": "health",
+    "/metrics": "metrics",
+    "/v1/search": "search",
+    "/_search": "intercept",
+    "/{index}/_search": "intercept",
+}
+
+
+def add_routes(app: web.Application, registry: CollectorRegistry) -> None:
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/v1/search", native_search)
@@ -39,7 +55,8 @@ def add_routes(app: web.Application) -> None:
 async def edge(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Request id (honoured if the client sent a sane one, else generated) and the error table."""
+    """Request id (honoured if the client sent a sane one, else generated), the error table, and
+    the request metrics."""
     given = request.headers.get("X-Request-Id", "")
     request_id = (
         given
@@ -47,20 +64,42 @@ async def edge(
         else uuid.uuid4().hex
     )
     token = request_id_var.set(request_id)
+    metrics = request.app[SERVICES].pipeline.metrics
+    metrics.inflight.inc()
+    started = time.perf_counter()
+    status = 500
     try:
         try:
             response = await handler(request)
-        except web.HTTPRequestEntityTooLarge:
-            response = error_response(
-                ApiError(413, "content_too_long_exception", "request body is too large")
-            )
         except Exception as error:
-            response = error_response(error)
+            refusal = _as_api_error(error) if isinstance(error, web.HTTPException) else error
+            response = error_response(refusal)
+            if (reason := rejection_reason(refusal)) is not None:
+                metrics.rejected.labels(reason).inc()
+        status = response.status
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         return response
     finally:
+        route = _route_label(request)
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+        metrics.inflight.dec()
         request_id_var.reset(token)
+
+
+def _route_label(request: web.Request) -> str:
+    if (label := request.get(ROUTE_LABEL)) is not None:
+        return str(label)
+    resource = request.match_info.route.resource
+    return _ROUTE_LABELS.get(resource.canonical, "proxy") if resource is not None else "proxy"
+
+
+def _as_api_error(error: web.HTTPException) -> ApiError:
+    """aiohttp's own refusals (e.g. a body over client_max_size) in OpenSearch's error shape."""
+    if error.status == 413:
+        return ApiError(413, "content_too_long_exception", "request body is too large")
+    return ApiError(error.status, "illegal_argument_exception", error.reason)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -89,6 +128,10 @@ async def native_search(request: web.Request) -> web.Response:
             "took": round(result.timings.values_ms["total"]),
             "hits": [_native_hit(hit, search.explain) for hit in result.hits],
             "candidates": len(result.candidates),
+            "candidate_sources": {
+                source: sum(c.provenance == source for c in result.candidates)
+                for source in ("both", "lexical_only", "vector_only")
+            },
             "timings_ms": result.timings.values_ms,
             "rerank": _report(result.rerank),
         }
@@ -106,8 +149,14 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         body = None
     ext = body.get("ext") if isinstance(body, dict) else None
     if not (isinstance(body, dict) and isinstance(ext, dict) and "rerank" in ext):
+        request[ROUTE_LABEL] = "proxy"
         return await proxy.forward(
-            request, services.session, services.upstream_url, settings.max_body_bytes, raw
+            request,
+            services.session,
+            services.upstream_url,
+            settings.max_body_bytes,
+            services.pipeline.metrics,
+            raw,
         )
 
     started = time.perf_counter()
@@ -123,7 +172,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     upstream_body.update(size=rerank_ext.window, **{"from": 0})
     if remaining_ext:
         upstream_body["ext"] = remaining_ext
-    timings = Timings()
+    timings = Timings(services.pipeline.metrics)
     stage = time.perf_counter()
     response = await services.upstream.search(
         request.match_info.get("index"), upstream_body, dict(request.query)
@@ -173,7 +222,11 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
 async def pass_through(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     return await proxy.forward(
-        request, services.session, services.upstream_url, services.settings.max_body_bytes
+        request,
+        services.session,
+        services.upstream_url,
+        services.settings.max_body_bytes,
+        services.pipeline.metrics,
     )
 
 
@@ -183,7 +236,11 @@ def _native_hit(hit: RankedHit, explain: bool) -> dict[str, Any]:
         "id": candidate.id,
         "score": _finite(hit.score),
         "rerank_score": _finite(hit.rerank_score),
-        "first_stage": {"rank": hit.first_stage_rank, "score": _finite(candidate.fused_score)},
+        "first_stage": {
+            "rank": hit.first_stage_rank,
+            "score": _finite(candidate.fused_score),
+            "normalized": _finite(hit.first_stage_normalized),
+        },
         "sources": {
             "lexical": _source_rank(candidate.lexical),
             "vector": _source_rank(candidate.vector),

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sidecar.config import Truncation
+from sidecar.metrics import Metrics
 from sidecar.rerank.backend import RerankBackend, ScoringPair
 from sidecar.rerank.batcher import MicroBatcher
 from sidecar.rerank.cache import ScoreCache
@@ -42,10 +43,12 @@ class Reranker:
         batcher: MicroBatcher[ScoringPair],
         cache: ScoreCache,
         prepare_executor: ThreadPoolExecutor,
+        metrics: Metrics,
         *,
         overlap_tokens: int,
     ) -> None:
         self.backend = backend
+        self._metrics = metrics
         self._batcher = batcher
         self._cache = cache
         self._prepare_executor = prepare_executor
@@ -63,6 +66,8 @@ class Reranker:
         keys = [ScoreCache.key(namespace, query, doc.id, doc.text) for doc in documents]
         logits = self._cache.get_many(keys)
         missing = [i for i, logit in enumerate(logits) if logit is None]
+        self._metrics.cache_requests.labels("hit").inc(len(documents) - len(missing))
+        self._metrics.cache_requests.labels("miss").inc(len(missing))
         pairs_scored = 0
         if missing:
             prepared = await asyncio.get_running_loop().run_in_executor(

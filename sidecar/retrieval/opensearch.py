@@ -3,12 +3,16 @@ from upstream failures to the status and OpenSearch-shaped body the sidecar answ
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from opensearchpy import AsyncOpenSearch
 from opensearchpy.exceptions import ConnectionError as TransportConnectionError
 from opensearchpy.exceptions import ConnectionTimeout, TransportError
+
+from sidecar.metrics import Metrics
 
 
 class UpstreamError(Exception):
@@ -27,8 +31,9 @@ def error_body(status: int, error_type: str, reason: str) -> dict[str, Any]:
 
 
 class Upstream:
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, metrics: Metrics) -> None:
         self.client = AsyncOpenSearch(hosts=[url], timeout=timeout_s, max_retries=0)
+        self._metrics = metrics
 
     async def close(self) -> None:
         await self.client.close()
@@ -42,12 +47,10 @@ class Upstream:
     async def search(
         self, index: str | None, body: Mapping[str, Any], params: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
-        try:
+        async with self._measured("search"):
             response: dict[str, Any] = await self.client.search(
                 index=index, body=body, params=dict(params or {})
             )
-        except TransportError as error:
-            raise _as_upstream_error(error) from error
         return response
 
     async def msearch(
@@ -57,16 +60,29 @@ class Upstream:
         lines: list[Mapping[str, Any]] = []
         for body in bodies:
             lines.extend(({"index": index}, body))
-        try:
+        async with self._measured("msearch"):
             response = await self.client.msearch(body=lines)
-        except TransportError as error:
-            raise _as_upstream_error(error) from error
         results: list[dict[str, Any]] = response["responses"]
         for result in results:
             if "error" in result:
                 status = int(result.get("status", 500))
                 raise UpstreamError(status, {"error": result["error"], "status": status})
         return results
+
+    @contextlib.asynccontextmanager
+    async def _measured(self, kind: str) -> AsyncIterator[None]:
+        """Times the round trip, counts it by status, and maps transport failures."""
+        started = time.perf_counter()
+        status = "200"
+        try:
+            yield
+        except TransportError as error:
+            mapped = _as_upstream_error(error)
+            status = str(mapped.status) if isinstance(error.status_code, int) else "error"
+            raise mapped from error
+        finally:
+            self._metrics.upstream_requests.labels(status).inc()
+            self._metrics.upstream_duration.labels(kind).observe(time.perf_counter() - started)
 
 
 def _as_upstream_error(error: TransportError) -> UpstreamError:

@@ -15,11 +15,15 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.test_utils import TestServer, make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from sidecar.api.errors import ApiError, error_response
 from sidecar.api.proxy import create_session, forward, read_body
 from sidecar.logging import request_id_var
+from sidecar.metrics import Metrics
+
+METRICS = Metrics(CollectorRegistry())
 
 # Only a guard against hangs; nothing here waits that long when the proxy behaves.
 HANG_GUARD_S = 5.0
@@ -92,7 +96,7 @@ def front_app(
         if request_id is not None:
             request_id_var.set(request_id)
         try:
-            return await forward(request, session, upstream_url, max_body_bytes)
+            return await forward(request, session, upstream_url, max_body_bytes, METRICS)
         except ApiError as error:
             return error_response(error)
 

@@ -6,7 +6,10 @@ import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from prometheus_client import CollectorRegistry
+
 from sidecar.config import Truncation
+from sidecar.metrics import Metrics
 from sidecar.rerank.backend import ScoringPair
 from sidecar.rerank.batcher import BatchLimits, MicroBatcher
 from sidecar.rerank.cache import ScoreCache
@@ -52,7 +55,9 @@ def rerank(
         batcher: MicroBatcher[ScoringPair] = MicroBatcher(backend.score, BatchLimits(), executor)
         await batcher.start()
         try:
-            reranker = Reranker(backend, batcher, cache, executor, overlap_tokens=0)
+            reranker = Reranker(
+                backend, batcher, cache, executor, Metrics(CollectorRegistry()), overlap_tokens=0
+            )
             return await reranker.score(query, documents, truncation)
         finally:
             await batcher.stop()

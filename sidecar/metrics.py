@@ -1,0 +1,217 @@
+"""Every Prometheus metric the sidecar exports, defined in one place on an injected registry.
+
+Labels come from small fixed sets only (routes, stages, sources, ranges, reasons, status codes),
+never from query text, document ids or index names. Bucket boundaries (seconds unless named
+otherwise) are chosen for this workload and documented beside each histogram.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar.rerank.batcher import BatchStats
+
+# Request and stage latency: a cached, first-stage-only search takes a few ms; CPU reranking of
+# 100 long candidates takes seconds; the deadline caps everything at tens of seconds.
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+# One model call: ~1 ms for a few short pairs on a GPU up to seconds for a full CPU batch.
+INFERENCE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Batch sizes in pairs, up to the largest sensible max_batch_pairs.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Padded tokens per batch: 1 short pair (~32) up to 256 pairs x 512 tokens.
+BATCH_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+# First-stage rank minus final rank: negative = demoted by the reranker, positive = promoted.
+RANK_SHIFT_BUCKETS = (-100, -50, -20, -10, -5, -1, 0, 1, 5, 10, 20, 50, 100)
+
+RANK_RANGES = ((1, 10, "1-10"), (11, 20, "11-20"), (21, 50, "21-50"), (51, 100, "51-100"))
+SOURCES = ("lexical_only", "vector_only", "both")
+
+
+def rank_range(rank: int) -> str:
+    """The first-stage rank range label of a 1-based rank."""
+    for low, high, label in RANK_RANGES:
+        if low <= rank <= high:
+            return label
+    return "101+"
+
+
+def score_range(normalized: float) -> str:
+    """The tenth of [0, 1] a normalized score falls in, e.g. 0.37 -> "0.3-0.4" (1.0 -> "0.9-1.0")."""
+    tenth = min(9, max(0, math.floor(normalized * 10))) if math.isfinite(normalized) else 0
+    return f"{tenth / 10:.1f}-{(tenth + 1) / 10:.1f}"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "sidecar_requests",
+            "HTTP requests answered, by route and status code.",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "sidecar_request_duration_seconds",
+            "Time to answer a request, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "sidecar_inflight_requests", "Requests being answered now.", registry=registry
+        )
+        self.stage_duration = Histogram(
+            "sidecar_stage_duration_seconds",
+            "Time spent in each search stage.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.candidates = Counter(
+            "sidecar_candidates",
+            "First-stage candidates, by which retrievers found them.",
+            ["source"],
+            registry=registry,
+        )
+        self.final_hits = Counter(
+            "sidecar_final_hits",
+            "Final top-k hits, by retrievers that found them and first-stage rank range.",
+            ["source", "first_stage_rank"],
+            registry=registry,
+        )
+        self.final_hits_by_score = Counter(
+            "sidecar_final_hits_by_score",
+            "Final top-k hits, by retrievers and range of their min-max normalized first-stage score.",
+            ["source", "first_stage_score"],
+            registry=registry,
+        )
+        self.rank_shift = Histogram(
+            "sidecar_rank_shift",
+            "First-stage rank minus final rank of each final top-k hit.",
+            buckets=RANK_SHIFT_BUCKETS,
+            registry=registry,
+        )
+        self.rerank_pairs = Counter(
+            "sidecar_rerank_pairs", "Pairs scored by the cross-encoder.", registry=registry
+        )
+        self.batch_size = Histogram(
+            "sidecar_rerank_batch_size",
+            "Pairs per cross-encoder call.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_tokens = Histogram(
+            "sidecar_rerank_batch_tokens",
+            "Padded tokens (longest pair x pairs) per cross-encoder call.",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "sidecar_rerank_queue_depth", "Pairs admitted and not yet scored.", registry=registry
+        )
+        self.queue_wait = Histogram(
+            "sidecar_rerank_queue_wait_seconds",
+            "Longest wait of a pair in a batch before its model call.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "sidecar_rerank_inference_seconds",
+            "Duration of one cross-encoder call.",
+            buckets=INFERENCE_BUCKETS_S,
+            registry=registry,
+        )
+        self.cache_requests = Counter(
+            "sidecar_rerank_cache_requests",
+            "Score cache lookups, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.fail_open = Counter(
+            "sidecar_fail_open",
+            "Searches answered in first-stage order because reranking could not finish.",
+            ["reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "sidecar_rejected_requests",
+            "Requests refused, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.upstream_requests = Counter(
+            "sidecar_upstream_requests",
+            "Requests to OpenSearch, by status code (or 'error').",
+            ["status"],
+            registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "sidecar_upstream_duration_seconds",
+            "OpenSearch round trips, by kind.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "sidecar_build_info",
+            "Always 1; the labels say what is running.",
+            ["version", "reranker", "device", "dtype", "embedding_model"],
+            registry=registry,
+        )
+        self.gpu_memory = Gauge(
+            "sidecar_gpu_memory_bytes",
+            "CUDA memory allocated by torch (absent without CUDA).",
+            registry=registry,
+        )
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        """The micro-batcher's after-every-call report."""
+        self.batch_size.observe(stats.pairs)
+        self.batch_tokens.observe(stats.padded_tokens)
+        self.queue_wait.observe(stats.queue_wait_s)
+        self.inference.observe(stats.inference_s)
+        if not stats.failed:
+            self.rerank_pairs.inc(stats.pairs)
+
+    def observe_provenance(
+        self,
+        candidate_sources: Sequence[str],
+        final: Sequence[tuple[str, int, float, int]],
+    ) -> None:
+        """`candidate_sources`: each first-stage candidate's provenance. `final`: for each final
+        top-k hit, (provenance, first-stage rank, normalized first-stage score, final rank)."""
+        for source in candidate_sources:
+            if source in SOURCES:
+                self.candidates.labels(source).inc()
+        for source, first_rank, first_score, final_rank in final:
+            if source not in SOURCES:
+                continue
+            self.final_hits.labels(source, rank_range(first_rank)).inc()
+            self.final_hits_by_score.labels(source, score_range(first_score)).inc()
+            self.rank_shift.observe(first_rank - final_rank)
+
+    def track_gauges(
+        self, queue_depth: Callable[[], float], gpu_memory: Callable[[], float] | None
+    ) -> None:
+        """Gauges read at scrape time from their owners."""
+        self.queue_depth.set_function(queue_depth)
+        if gpu_memory is not None:
+            self.gpu_memory.set_function(gpu_memory)

@@ -74,7 +74,8 @@ async def run_level(
     queries: Iterator[str],
     send: Callable[[aiohttp.ClientSession, str, LevelResult], Awaitable[None]],
 ) -> LevelResult:
-    """`concurrency` workers each send one request after another until `duration_s` has passed."""
+    """`concurrency` workers each send one request after another until `duration_s` has passed
+    or `queries` runs out."""
     result = LevelResult(target, concurrency)
     deadline = time.perf_counter() + duration_s
     timeout = aiohttp.ClientTimeout(total=600)
@@ -84,7 +85,9 @@ async def run_level(
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
-                query = next(queries)
+                query = next(queries, None)
+                if query is None:
+                    return
                 started = time.perf_counter()
                 await send(session, query, result)
                 result.latencies_ms.append((time.perf_counter() - started) * 1000)
@@ -152,11 +155,13 @@ def benchmark(
     fusion: str,
     rerank: bool,
     encoder: BiEncoder | None,
+    once: bool = False,
 ) -> list[dict[str, Any]]:
     """Every level against the sidecar, then (with `opensearch_url`) the same levels straight to
     OpenSearch. Queries are used in order and not repeated while any are left, so the score
-    cache stays cold unless the run outlasts the query list."""
-    cursor = itertools.cycle(queries)
+    cache stays cold unless the run outlasts the query list. With `once`, each query is sent
+    exactly once in all (levels share the list), whatever the duration."""
+    cursor: Iterator[str] = iter(queries) if once else itertools.cycle(queries)
     summaries = []
     send = sidecar_sender(url, index, candidates, k, fusion, rerank)
     for level in concurrency_levels:

@@ -130,6 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--k", type=int, default=10)
     bench.add_argument("--fusion", choices=["server", "rrf", "convex"], default="server")
     bench.add_argument("--no-rerank", action="store_true", help="first stage only")
+    bench.add_argument("--once", action="store_true", help="send each query once, then stop")
     bench.add_argument("--out", type=Path, help="write the figures as JSON here")
     bench.set_defaults(handler=_bench)
 
@@ -257,6 +258,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         fusion=args.fusion,
         rerank=not args.no_rerank,
         encoder=BiEncoder.from_settings(settings) if args.opensearch else None,
+        once=args.once,
     )
     print_table(summaries)
     if args.out:

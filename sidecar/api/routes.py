@@ -18,7 +18,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from sidecar.api import proxy
 from sidecar.api.errors import ApiError, bad_request, error_response, rejection_reason
 from sidecar.api.schemas import parse_json_object, parse_rerank_ext, parse_search_request
-from sidecar.logging import request_id_var
+from sidecar.logging import log_stage, request_id_var
 from sidecar.pipeline import RankedHit, RerankReport, Timings
 from sidecar.retrieval.fusion import Candidate, SourceRank
 from sidecar.services import Services
@@ -177,7 +177,9 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     response = await services.upstream.search(
         request.match_info.get("index"), upstream_body, dict(request.query)
     )
-    timings.record("retrieve", stage)
+    log_stage(
+        "retrieve", timings.record("retrieve", stage), candidates=len(response["hits"]["hits"])
+    )
     original = response["hits"]["hits"]
     candidates = [
         Candidate(
@@ -214,7 +216,9 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     response["hits"]["max_score"] = max(
         (h["_score"] for h in hits if h["_score"] is not None), default=None
     )
-    response["took"] = round((time.perf_counter() - started) * 1000)
+    total_s = timings.record("total", started)
+    log_stage("total", total_s, hits=len(hits))
+    response["took"] = round(total_s * 1000)
     response.setdefault("ext", {})["rerank"] = _report(report)
     return _json(response)
 

@@ -18,6 +18,7 @@ from opensearchpy.exceptions import OpenSearchException
 
 from sidecar.config import Settings, SettingsError
 from sidecar.embedding import BiEncoder
+from sidecar.evaluation import MODES, EvalError
 from sidecar.indexing.corpus import CorpusError
 from sidecar.indexing.loader import LoadError, load_corpus
 from sidecar.indexing.templates import IndexLayoutError, VectorOptions, create_index
@@ -39,6 +40,7 @@ _USER_ERRORS: tuple[type[Exception], ...] = (
     IndexLayoutError,
     OpenSearchException,
     ProvenanceError,
+    EvalError,
     ValueError,
 )
 
@@ -53,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(os.environ)
-        if getattr(args, "url", None):
-            settings = dataclasses.replace(settings, opensearch_url=args.url)
+        if getattr(args, "opensearch_url", None):
+            settings = dataclasses.replace(settings, opensearch_url=args.opensearch_url)
         if getattr(args, "port", None):
             node = dataclasses.replace(settings.local_node, port=args.port)
             settings = dataclasses.replace(settings, local_node=node)
@@ -71,7 +73,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the sidecar (configured by SIDECAR_* variables)")
     serve.add_argument("--listen-port", type=int, help="default: SIDECAR_LISTEN_PORT or 8080")
-    serve.add_argument("--url", help="upstream OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)")
+    serve.add_argument(
+        "--url",
+        dest="opensearch_url",
+        help="upstream OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)",
+    )
     serve.set_defaults(handler=_serve)
 
     opensearch = commands.add_parser("opensearch", help="the project-managed local OpenSearch node")
@@ -95,7 +101,9 @@ def _build_parser() -> argparse.ArgumentParser:
     load = index_actions.add_parser("load", help="embed and bulk-index a BEIR corpus.jsonl")
     for action in (create, load):
         action.add_argument("--index", required=True, help="index name")
-        action.add_argument("--url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)")
+        action.add_argument(
+            "--url", dest="opensearch_url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)"
+        )
         action.add_argument("--engine", choices=["lucene", "faiss"], default="lucene")
         action.add_argument(
             "--space-type", choices=["cosinesimil", "innerproduct", "l2"], default="cosinesimil"
@@ -115,7 +123,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="closed-loop load against a running sidecar")
     bench.add_argument(
-        "--url", default=None, help="sidecar URL (default: http://LISTEN_HOST:LISTEN_PORT)"
+        "--url", dest="sidecar_url", help="sidecar URL (default: http://LISTEN_HOST:LISTEN_PORT)"
     )
     bench.add_argument(
         "--opensearch", help="also send the same hybrid request straight to this OpenSearch"
@@ -137,14 +145,53 @@ def _build_parser() -> argparse.ArgumentParser:
     provenance = commands.add_parser(
         "provenance", help="share of the final top-k by retriever, rank and score range"
     )
-    provenance.add_argument("--url", required=True, help="a running sidecar (its /metrics is read)")
+    provenance.add_argument(
+        "--url", dest="sidecar_url", required=True, help="a running sidecar (its /metrics is read)"
+    )
     provenance.set_defaults(handler=_provenance)
+
+    evaluate = commands.add_parser("eval", help="retrieval quality per mode on a BEIR collection")
+    evaluate.add_argument(
+        "--dataset",
+        type=Path,
+        required=True,
+        help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/",
+    )
+    evaluate.add_argument(
+        "--index", required=True, help="loaded from the dataset's corpus if absent"
+    )
+    evaluate.add_argument("--qrels", default="qrels/test.tsv", help="relative to --dataset")
+    evaluate.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES)
+    )
+    evaluate.add_argument("--k", type=int, default=10)
+    evaluate.add_argument("--candidates", type=int, default=100, help="per retriever")
+    evaluate.add_argument("--fusion", choices=["convex", "rrf", "server"], default="convex")
+    evaluate.add_argument("--limit", type=int, help="only the first N judged queries")
+    evaluate.add_argument("--sweep-candidates", default="", help="e.g. 20,50,100,200")
+    evaluate.add_argument(
+        "--sweep-fusion",
+        default="",
+        help="e.g. convex,rrf,server,convex:0.3:0.7 (weights lexical:vector)",
+    )
+    evaluate.add_argument(
+        "--url", dest="sidecar_url", help="sidecar URL (default: http://LISTEN_HOST:LISTEN_PORT)"
+    )
+    evaluate.add_argument(
+        "--opensearch",
+        dest="opensearch_url",
+        help="where to load the index if absent (default: SIDECAR_OPENSEARCH_URL)",
+    )
+    evaluate.add_argument("--out", type=Path, help="report folder (default: out/eval-INDEX)")
+    evaluate.set_defaults(handler=_eval)
 
     demo = commands.add_parser(
         "demo", help="load the bundled sample corpus and run an example query"
     )
     demo.add_argument("--index", default="demo-pydoc", help="index name")
-    demo.add_argument("--url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)")
+    demo.add_argument(
+        "--url", dest="opensearch_url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)"
+    )
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -247,7 +294,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.bench import benchmark, dump, print_table, read_queries
 
     summaries = benchmark(
-        url=args.url or f"http://{settings.listen_host}:{settings.listen_port}",
+        url=args.sidecar_url or _local_sidecar(settings),
         opensearch_url=args.opensearch,
         index=args.index,
         queries=read_queries(args.queries),
@@ -266,10 +313,61 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _local_sidecar(settings: Settings) -> str:
+    return f"http://{settings.listen_host}:{settings.listen_port}"
+
+
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    from sidecar.evaluation import (
+        EvalOptions,
+        read_qrels,
+        read_queries,
+        run_evaluation,
+        write_report,
+    )
+
+    modes = [mode for mode in args.modes.split(",") if mode]
+    if unknown := sorted(set(modes) - set(MODES)):
+        raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    qrels = read_qrels(args.dataset / args.qrels)
+    queries = read_queries(args.dataset / "queries.jsonl", qrels)
+    client = _client(settings)
+    if not client.indices.exists(index=args.index):
+        log.info("index %s is absent: loading %s", args.index, args.dataset / "corpus.jsonl")
+        encoder = BiEncoder.from_settings(settings)
+        create_index(client, args.index, VectorOptions(dimension=encoder.dimension))
+        load_corpus(client, encoder, args.index, args.dataset / "corpus.jsonl")
+    options = EvalOptions(
+        modes=modes,
+        k=args.k,
+        candidates=args.candidates,
+        fusion=args.fusion,
+        sweep_candidates=[int(d) for d in args.sweep_candidates.split(",") if d],
+        sweep_fusions=[_fusion_point(spec) for spec in args.sweep_fusion.split(",") if spec],
+        limit=args.limit,
+    )
+    report = run_evaluation(
+        args.sidecar_url or _local_sidecar(settings), args.index, qrels, queries, options
+    )
+    out = args.out or Path("out") / f"eval-{args.index}"
+    written = write_report(report, out)
+    print((out / "report.md").read_text())
+    print("written: " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _fusion_point(spec: str) -> tuple[str, tuple[float, float] | None]:
+    """`convex` or `convex:0.3:0.7` (lexical:vector weights)."""
+    name, *weights = spec.split(":")
+    if name not in {"convex", "rrf", "server"} or len(weights) not in {0, 2}:
+        raise ValueError(f"--sweep-fusion entry {spec!r}: expected MODE or MODE:LEXICAL:VECTOR")
+    return name, (float(weights[0]), float(weights[1])) if weights else None
+
+
 def _provenance(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.provenance import fetch_metrics, format_report, parse_provenance
 
-    print(format_report(parse_provenance(fetch_metrics(args.url))))
+    print(format_report(parse_provenance(fetch_metrics(args.sidecar_url))))
     return 0
 
 

@@ -20,7 +20,7 @@ from sidecar.metrics import Metrics
 from sidecar.rerank.batcher import BatcherClosed, Overloaded
 from sidecar.rerank.cache import normalize_query
 from sidecar.rerank.reranker import RerankDocument, Reranker
-from sidecar.retrieval.first_stage import FirstStageQuery, Fusion, retrieve
+from sidecar.retrieval.first_stage import FirstStage, FirstStageQuery, Fusion, retrieve
 from sidecar.retrieval.fusion import Candidate
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.queries import Filter
@@ -103,6 +103,7 @@ class SearchResult:
     candidates: list[Candidate]
     rerank: RerankReport
     timings: Timings
+    retrieved: FirstStage
 
 
 class SearchPipeline:
@@ -145,7 +146,8 @@ class SearchPipeline:
             weights=request.weights,
             filter=request.filter,
         )
-        candidates = await retrieve(self._upstream, first_stage)
+        retrieved = await retrieve(self._upstream, first_stage)
+        candidates = retrieved.candidates
         log_stage(
             "retrieve",
             timings.record("retrieve", stage),
@@ -171,7 +173,9 @@ class SearchPipeline:
                 for final_rank, h in enumerate(top, start=1)
             ],
         )
-        return SearchResult(hits=hits, candidates=candidates, rerank=report, timings=timings)
+        return SearchResult(
+            hits=hits, candidates=candidates, rerank=report, timings=timings, retrieved=retrieved
+        )
 
     async def rerank(
         self,

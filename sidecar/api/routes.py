@@ -123,19 +123,27 @@ async def native_search(request: web.Request) -> web.Response:
     body = parse_json_object(await proxy.read_body(request, services.settings.max_body_bytes))
     search = parse_search_request(body, services.settings)
     result = await services.pipeline.search(search, deadline)
-    return _json(
-        {
-            "took": round(result.timings.values_ms["total"]),
-            "hits": [_native_hit(hit, search.explain) for hit in result.hits],
-            "candidates": len(result.candidates),
-            "candidate_sources": {
-                source: sum(c.provenance == source for c in result.candidates)
-                for source in ("both", "lexical_only", "vector_only")
-            },
-            "timings_ms": result.timings.values_ms,
-            "rerank": _report(result.rerank),
+    answer: dict[str, Any] = {
+        "took": round(result.timings.values_ms["total"]),
+        "hits": [_native_hit(hit, search.explain) for hit in result.hits],
+        "candidates": len(result.candidates),
+        "candidate_sources": {
+            source: sum(c.provenance == source for c in result.candidates)
+            for source in ("both", "lexical_only", "vector_only")
+        },
+        "timings_ms": result.timings.values_ms,
+        "rerank": _report(result.rerank),
+    }
+    if search.explain:
+        # Each retriever's own ranked list, before fusion cut the union to `candidates`.
+        answer["retrievers"] = {
+            name: [{"id": hit.id, "score": _finite(hit.score)} for hit in hits]
+            for name, hits in (
+                ("lexical", result.retrieved.lexical),
+                ("vector", result.retrieved.vector),
+            )
         }
-    )
+    return _json(answer)
 
 
 async def intercept_search(request: web.Request) -> web.StreamResponse:

@@ -45,8 +45,17 @@ class FirstStageQuery:
     filter: Filter | None = None
 
 
-async def retrieve(upstream: Upstream, query: FirstStageQuery) -> list[Candidate]:
-    """Fused candidates, best first, at most `candidates` of them. Raises UpstreamError."""
+@dataclass(frozen=True)
+class FirstStage:
+    """Fused candidates (best first, at most `candidates`) and each retriever's own list."""
+
+    candidates: list[Candidate]
+    lexical: Sequence[RetrieverHit]
+    vector: Sequence[RetrieverHit]
+
+
+async def retrieve(upstream: Upstream, query: FirstStageQuery) -> FirstStage:
+    """Raises UpstreamError."""
     subqueries = [
         build_lexical_search(query.text, query.candidates, query.filter),
         build_vector_search(query.vector, query.candidates, query.filter),
@@ -59,15 +68,16 @@ async def retrieve(upstream: Upstream, query: FirstStageQuery) -> list[Candidate
         fused, (lexical, vector) = await asyncio.gather(
             upstream.search(query.index, hybrid, params), upstream.msearch(query.index, subqueries)
         )
-        return attach_provenance(_hits(fused), _hits(lexical), _hits(vector))
+        lexical_hits, vector_hits = _hits(lexical), _hits(vector)
+        return FirstStage(
+            attach_provenance(_hits(fused), lexical_hits, vector_hits), lexical_hits, vector_hits
+        )
     lexical, vector = await upstream.msearch(query.index, subqueries)
-    if query.fusion == "rrf":
-        return fuse_rrf(_hits(lexical), _hits(vector), weights=query.weights or (1.0, 1.0))[
-            : query.candidates
-        ]
-    return fuse_convex(_hits(lexical), _hits(vector), weights=query.weights or (0.5, 0.5))[
-        : query.candidates
-    ]
+    lexical_hits, vector_hits = _hits(lexical), _hits(vector)
+    fuse = fuse_rrf if query.fusion == "rrf" else fuse_convex
+    default_weights = (1.0, 1.0) if query.fusion == "rrf" else (0.5, 0.5)
+    fused = fuse(lexical_hits, vector_hits, weights=query.weights or default_weights)
+    return FirstStage(fused[: query.candidates], lexical_hits, vector_hits)
 
 
 def _hits(response: Mapping[str, Any]) -> Sequence[RetrieverHit]:

@@ -1,0 +1,95 @@
+"""Evaluation arithmetic on a tiny qrels file, checked against values computed by hand."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from sidecar.evaluation import (
+    ModeRuns,
+    evaluate_run,
+    provenance_table,
+    read_qrels,
+    read_queries,
+    recall_ceiling,
+)
+
+
+def test_metrics_match_hand_computed_values(tmp_path: Path) -> None:
+    qrels_file = tmp_path / "test.tsv"
+    qrels_file.write_text(
+        "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td2\t1\nq1\td9\t0\nq2\td5\t1\n"
+    )
+    qrels = read_qrels(qrels_file)
+    assert qrels == {"q1": {"d1": 2, "d2": 1, "d9": 0}, "q2": {"d5": 1}}
+    run = {
+        "q1": {"d3": 3.0, "d1": 2.0, "d2": 1.0},  # relevant at ranks 2 (gain 2) and 3 (gain 1)
+        "q2": {f"x{i}": 100.0 - i for i in range(10)} | {"d5": 1.0},  # relevant at rank 11
+    }
+    scores = evaluate_run(qrels, run)
+    # trec_eval's nDCG gains are the judgment values (as in BEIR's reference numbers):
+    # q1: DCG = 2/log2(3) + 1/log2(4); IDCG = 2/log2(2) + 1/log2(3).
+    dcg = 2 / math.log2(3) + 1 / 2
+    idcg = 2 + 1 / math.log2(3)
+    expected_ndcg = (dcg / idcg + 0.0) / 2  # q2's only relevant document is at rank 11
+    assert scores["ndcg@10"] == pytest.approx(expected_ndcg, abs=1e-4)
+    assert scores["recall@100"] == pytest.approx(1.0)
+    assert scores["mrr@10"] == pytest.approx((1 / 2 + 0.0) / 2)
+
+
+def test_queries_missing_from_the_run_count_as_zero(tmp_path: Path) -> None:
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    scores = evaluate_run(qrels, {"q1": {"d1": 1.0}})
+    assert scores == {"ndcg@10": 0.5, "recall@100": 0.5, "mrr@10": 0.5}
+
+
+def test_queries_are_read_for_judged_ids_only(tmp_path: Path) -> None:
+    path = tmp_path / "queries.jsonl"
+    path.write_text('{"_id": "1", "text": "one"}\n{"_id": 2, "text": "two"}\n\n')
+    assert read_queries(path, ["2"]) == {"2": "two"}
+
+
+def hit(
+    doc: str, lexical: int | None, vector: int | None, first_rank: int, normalized: float
+) -> dict[str, object]:
+    sources = {
+        "lexical": None if lexical is None else {"rank": lexical, "score": 1.0},
+        "vector": None if vector is None else {"rank": vector, "score": 1.0},
+    }
+    return {
+        "id": doc,
+        "sources": sources,
+        "first_stage": {"rank": first_rank, "normalized": normalized},
+    }
+
+
+def test_provenance_shares() -> None:
+    table = provenance_table(
+        [
+            hit("a", 1, 2, 1, 0.95),
+            hit("b", None, 30, 25, 0.12),
+            hit("c", 4, None, 12, 0.5),
+            hit("d", 2, 1, 3, 1.0),
+        ]
+    )
+    assert table["retriever"] == {"both": 0.5, "lexical_only": 0.25, "vector_only": 0.25}
+    assert table["first_stage_rank"] == {"1-10": 0.5, "11-20": 0.25, "21-50": 0.25}
+    assert table["first_stage_score"] == {"0.1-0.2": 0.25, "0.5-0.6": 0.25, "0.9-1.0": 0.5}
+
+
+def test_recall_ceiling_says_where_relevant_documents_were_lost() -> None:
+    collected = ModeRuns()
+    collected.runs["bm25"]["q"] = {"r1": 1.0, "x": 0.5}
+    collected.runs["knn"]["q"] = {"r2": 1.0}
+    collected.candidates["q"] = {"r1", "r2", "x"}
+    collected.runs["hybrid+rerank"]["q"] = {"x": 1.0, "r2": 0.5, "r1": 0.3}
+    counts = recall_ceiling({"q": {"r1": 1, "r2": 2, "r3": 1, "n": 0}}, collected, k=2)
+    assert counts == {
+        "relevant": 3,
+        "found_by_bm25": 1,
+        "found_by_knn": 1,
+        "in_candidates": 2,
+        "in_final_top_k": 1,
+        "lost_by_first_stage": 1,
+        "lost_by_rerank_cut": 1,
+    }

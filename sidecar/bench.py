@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +208,6 @@ def print_table(summaries: Sequence[dict[str, Any]]) -> None:
             )
 
 
-def dump(summaries: Sequence[dict[str, Any]], path: Path) -> None:
+def dump(results: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(list(summaries), indent=2) + "\n")
+    path.write_text(json.dumps(results, indent=2) + "\n")

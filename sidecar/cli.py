@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from opensearchpy import OpenSearch
@@ -139,6 +140,14 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fusion", choices=["server", "rrf", "convex"], default="server")
     bench.add_argument("--no-rerank", action="store_true", help="first stage only")
     bench.add_argument("--once", action="store_true", help="send each query once, then stop")
+    bench.add_argument(
+        "--model-bench",
+        action="store_true",
+        help="also measure the reranker in-process: raw pairs/s, micro-batching vs naive predict, "
+        "warm vs cold cache, dtypes x depths x lengths (needs --corpus)",
+    )
+    bench.add_argument("--corpus", type=Path, help="BEIR corpus.jsonl for --model-bench documents")
+    bench.add_argument("--skip-load", action="store_true", help="only the in-process model figures")
     bench.add_argument("--out", type=Path, help="write the figures as JSON here")
     bench.set_defaults(handler=_bench)
 
@@ -293,23 +302,46 @@ def _index_load(args: argparse.Namespace, settings: Settings) -> int:
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.bench import benchmark, dump, print_table, read_queries
 
-    summaries = benchmark(
-        url=args.sidecar_url or _local_sidecar(settings),
-        opensearch_url=args.opensearch,
-        index=args.index,
-        queries=read_queries(args.queries),
-        concurrency_levels=[int(level) for level in args.concurrency.split(",")],
-        duration_s=args.duration_s,
-        candidates=args.candidates,
-        k=args.k,
-        fusion=args.fusion,
-        rerank=not args.no_rerank,
-        encoder=BiEncoder.from_settings(settings) if args.opensearch else None,
-        once=args.once,
-    )
-    print_table(summaries)
+    results: dict[str, Any] = {}
+    if not args.skip_load:
+        results["load"] = benchmark(
+            url=args.sidecar_url or _local_sidecar(settings),
+            opensearch_url=args.opensearch,
+            index=args.index,
+            queries=read_queries(args.queries),
+            concurrency_levels=[int(level) for level in args.concurrency.split(",")],
+            duration_s=args.duration_s,
+            candidates=args.candidates,
+            k=args.k,
+            fusion=args.fusion,
+            rerank=not args.no_rerank,
+            encoder=BiEncoder.from_settings(settings) if args.opensearch else None,
+            once=args.once,
+        )
+        print_table(results["load"])
+    if args.model_bench:
+        from sidecar.model_bench import format_model_report, read_beir_texts, run_model_benchmarks
+
+        if args.corpus is None:
+            raise ValueError("--model-bench needs --corpus (documents to score)")
+        texts, queries = read_beir_texts(
+            args.corpus, args.queries, max_documents=2000, max_queries=200
+        )
+        results["model"] = run_model_benchmarks(
+            settings.reranker_model,
+            texts,
+            queries,
+            device=settings.device,
+            dtype=settings.reranker_dtype,
+            max_length=settings.reranker_max_length,
+            max_batch_pairs=settings.rerank_max_batch_pairs,
+            max_batch_tokens=settings.rerank_max_batch_tokens,
+            max_wait_s=settings.rerank_max_wait_s,
+            candidates=args.candidates,
+        )
+        print(format_model_report(results["model"]))
     if args.out:
-        dump(summaries, args.out)
+        dump(results, args.out)
     return 0
 
 

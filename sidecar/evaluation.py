@@ -138,7 +138,8 @@ def collect_runs(
             collected.runs["hybrid"][query_id] = _by_position(hit["id"] for hit in hits)
             _add_timings(collected.timings_ms, "first_stage", answer["timings_ms"])
         if "hybrid+rerank" in modes:
-            answer = search(sidecar_url, body | {"rerank": True})
+            # Scored afresh: the rerank cost reported must not depend on earlier runs.
+            answer = search(sidecar_url, body | {"rerank": True, "rerank_cache": False})
             hits = answer["hits"]
             collected.runs["hybrid+rerank"][query_id] = _by_position(hit["id"] for hit in hits)
             collected.candidates.setdefault(query_id, {hit["id"] for hit in hits})

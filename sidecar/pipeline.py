@@ -51,6 +51,8 @@ class SearchRequest:
     weights: tuple[float, float] | None = None
     filter: Filter | None = None
     explain: bool = False
+    # False: score every pair afresh (benchmarks measuring rerank cost); results are still cached.
+    rerank_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ class SearchPipeline:
             request.truncation,
             deadline,
             timings,
+            read_cache=request.rerank_cache,
         )
         log_stage("total", timings.record("total", started), hits=len(hits))
         top = hits[: self._settings.provenance_top_k]
@@ -187,6 +190,7 @@ class SearchPipeline:
         deadline: float,
         timings: Timings,
         document_fields: Sequence[str] = DEFAULT_DOCUMENT_FIELDS,
+        read_cache: bool = True,
     ) -> tuple[list[RankedHit], RerankReport]:
         """Stage 2 and normalization over first-stage `candidates` (best first); top `k` returned.
 
@@ -209,7 +213,8 @@ class SearchPipeline:
                 if remaining_s <= 0:
                     raise TimeoutError
                 scores = await asyncio.wait_for(
-                    self._reranker.score(query, documents, truncation), remaining_s
+                    self._reranker.score(query, documents, truncation, read_cache=read_cache),
+                    remaining_s,
                 )
                 logits = scores.logits
                 report = RerankReport(

@@ -28,6 +28,7 @@ _NATIVE_FIELDS = frozenset(
         "rerank",
         "truncation",
         "explain",
+        "rerank_cache",
     }
 )
 
@@ -90,6 +91,7 @@ def parse_search_request(body: Mapping[str, Any], settings: Settings) -> SearchR
         weights=_weights(body.get("weights")),
         filter=filter_clause,
         explain=_boolean(body, "explain", False),
+        rerank_cache=_boolean(body, "rerank_cache", True),
     )
 
 

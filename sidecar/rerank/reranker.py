@@ -55,7 +55,12 @@ class Reranker:
         self._overlap_tokens = overlap_tokens
 
     async def score(
-        self, query: str, documents: Sequence[RerankDocument], truncation: Truncation
+        self,
+        query: str,
+        documents: Sequence[RerankDocument],
+        truncation: Truncation,
+        *,
+        read_cache: bool = True,
     ) -> RerankScores:
         """Logits for every document. Cached scores are reused; the rest go through the batcher.
 
@@ -64,7 +69,9 @@ class Reranker:
         """
         namespace = f"{self.backend.identity}|{truncation}"
         keys = [ScoreCache.key(namespace, query, doc.id, doc.text) for doc in documents]
-        logits = self._cache.get_many(keys)
+        logits: list[float | None] = (
+            self._cache.get_many(keys) if read_cache else [None] * len(keys)
+        )
         missing = [i for i, logit in enumerate(logits) if logit is None]
         self._metrics.cache_requests.labels("hit").inc(len(documents) - len(missing))
         self._metrics.cache_requests.labels("miss").inc(len(missing))

@@ -93,3 +93,35 @@ def test_cached_documents_skip_the_model_and_truncation_modes_do_not_share_score
     assert again.cache_hits == 2
     assert chunked.cache_hits == 0
     assert chunked.logits == [2.0, 1.0]
+
+
+def test_cache_reads_can_be_skipped_while_scores_are_still_stored() -> None:
+    backend = FakeBackend()
+    cache = ScoreCache(100, 60.0)
+    documents = [RerankDocument("a", "cat cat")]
+    with ThreadPoolExecutor(1) as executor:
+
+        async def run() -> tuple[RerankScores, RerankScores]:
+            batcher: MicroBatcher[ScoringPair] = MicroBatcher(
+                backend.score, BatchLimits(), executor
+            )
+            await batcher.start()
+            try:
+                reranker = Reranker(
+                    backend,
+                    batcher,
+                    cache,
+                    executor,
+                    Metrics(CollectorRegistry()),
+                    overlap_tokens=0,
+                )
+                await reranker.score("cat", documents, "first")
+                fresh = await reranker.score("cat", documents, "first", read_cache=False)
+                cached = await reranker.score("cat", documents, "first")
+                return fresh, cached
+            finally:
+                await batcher.stop()
+
+        fresh, cached = asyncio.run(run())
+    assert (fresh.pairs_scored, fresh.cache_hits) == (1, 0)
+    assert (cached.pairs_scored, cached.cache_hits) == (0, 1)

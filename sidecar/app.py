@@ -89,6 +89,7 @@ def create_app(
             upstream=upstream,
             session=session,
             upstream_url=URL(settings.opensearch_url).with_user(None),
+            batcher=batcher,
         )
         metrics.build_info.labels(
             version=__version__,

@@ -9,6 +9,8 @@ from yarl import URL
 
 from sidecar.config import Settings
 from sidecar.pipeline import SearchPipeline
+from sidecar.rerank.backend import ScoringPair
+from sidecar.rerank.batcher import MicroBatcher
 from sidecar.retrieval.opensearch import Upstream
 
 
@@ -21,4 +23,9 @@ class Services:
     # Pass-through client (raw bytes) and its target, without credentials: clients bring their own.
     session: aiohttp.ClientSession
     upstream_url: URL
-    models_loaded: bool = True
+    # The reranker's batcher: readiness requires its loop to be alive.
+    batcher: MicroBatcher[ScoringPair]
+
+    @property
+    def models_loaded(self) -> bool:
+        return self.batcher.running

@@ -128,6 +128,11 @@ class MicroBatcher(Generic[T]):
         await asyncio.wait([self._task])
 
     @property
+    def running(self) -> bool:
+        """False before start, after stop, and once the loop has died (readiness turns false)."""
+        return self._task is not None and not self._task.done() and not self._closed
+
+    @property
     def pending_pairs(self) -> int:
         """Pairs admitted and not yet finished (queued or running)."""
         return self._pending_pairs

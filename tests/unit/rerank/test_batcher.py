@@ -437,3 +437,18 @@ def test_without_request_merging_every_batch_holds_one_request() -> None:
 
     asyncio.run(scenario())
     assert sorted(batches) == [["a0", "a1", "a2"], ["b0", "b1", "b2"], ["c0", "c1", "c2"]]
+
+
+def test_running_reflects_the_loop() -> None:
+    async def scenario() -> tuple[bool, bool, bool]:
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher: MicroBatcher[str] = MicroBatcher(
+                lambda p: [0.0] * len(p), BatchLimits(), executor
+            )
+            before = batcher.running
+            await batcher.start()
+            during = batcher.running
+            await batcher.stop()
+            return before, during, batcher.running
+
+    assert asyncio.run(scenario()) == (False, True, False)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from sidecar.app import create_app
+from sidecar.config import Settings
+from sidecar.embedding import BiEncoder
+from sidecar.rerank.backend import RerankBackend
 
 
 class RunningSidecar:
@@ -33,3 +41,39 @@ class RunningSidecar:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=60)
         self._loop.close()
+
+
+def sidecar_settings(opensearch_url: str, model: Path, **overrides: Any) -> Settings:
+    """Settings for a test sidecar: the small offline cross-encoder in float32 (exact comparisons),
+    short pairs, a generous deadline unless a test sets one, small limits for the bad-input tests."""
+    values: dict[str, Any] = {
+        "opensearch_url": opensearch_url,
+        "reranker_model": str(model),
+        "reranker_dtype": "float32",
+        "reranker_max_length": 128,
+        "request_timeout_s": 120.0,
+        "max_candidates": 200,
+        "max_body_bytes": 64 * 1024,
+    }
+    return Settings(**(values | overrides))
+
+
+@contextlib.contextmanager
+def running_sidecar(
+    opensearch_url: str,
+    model: Path,
+    encoder: BiEncoder,
+    *,
+    backend: RerankBackend | None = None,
+    **overrides: Any,
+) -> Iterator[RunningSidecar]:
+    """A sidecar app on a free port for the duration of the block."""
+    server = RunningSidecar(
+        create_app(
+            sidecar_settings(opensearch_url, model, **overrides), backend=backend, encoder=encoder
+        )
+    )
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.app import create_app
 from sidecar.cli import main
 from sidecar.embedding import BiEncoder
 from sidecar.evaluation import evaluate_run
 from sidecar.retrieval.queries import build_lexical_search
 from tests.integration.conftest import Cluster
-from tests.integration.sidecar_server import RunningSidecar
+from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 from tests.integration.test_indexing import DOCUMENTS, write_corpus
-from tests.integration.test_sidecar import sidecar_settings
 
 pytestmark = pytest.mark.integration
 
@@ -53,11 +51,8 @@ def dataset(tmp_path: Path) -> Path:
 def eval_sidecar(
     opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path
 ) -> Iterator[RunningSidecar]:
-    server = RunningSidecar(
-        create_app(sidecar_settings(opensearch, tiny_cross_encoder), encoder=encoder)
-    )
-    yield server
-    server.stop()
+    with running_sidecar(opensearch.url, tiny_cross_encoder, encoder) as server:
+        yield server
 
 
 def test_eval_loads_evaluates_and_writes_reports(

@@ -20,8 +20,8 @@ from sidecar.embedding import BiEncoder
 from sidecar.metrics import rank_range, score_range
 from tests.integration.conftest import Cluster
 from tests.integration.prometheus import RunningPrometheus, find_prometheus
-from tests.integration.sidecar_server import RunningSidecar
-from tests.integration.test_sidecar import post, sidecar_settings
+from tests.integration.sidecar_server import RunningSidecar, running_sidecar, sidecar_settings
+from tests.integration.test_sidecar import post
 from tests.unit.test_dashboard import dashboard_expressions
 
 pytestmark = pytest.mark.integration
@@ -41,11 +41,8 @@ QUERIES = [
 def traffic_sidecar(
     opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path, pydoc_index: str
 ) -> Iterator[RunningSidecar]:
-    server = RunningSidecar(
-        create_app(sidecar_settings(opensearch, tiny_cross_encoder), encoder=encoder)
-    )
-    yield server
-    server.stop()
+    with running_sidecar(opensearch.url, tiny_cross_encoder, encoder) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +105,7 @@ def test_provenance_counters_agree_with_the_api(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = RunningSidecar(
-        create_app(sidecar_settings(opensearch, tiny_cross_encoder), encoder=encoder)
+        create_app(sidecar_settings(opensearch.url, tiny_cross_encoder), encoder=encoder)
     )
     prometheus = RunningPrometheus(
         find_prometheus(), tmp_path, [server.url.removeprefix("http://")]

@@ -16,42 +16,24 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import NotFoundError, RequestError, TransportError
 from sentence_transformers import CrossEncoder
 
-from sidecar.app import create_app
-from sidecar.config import Settings
 from sidecar.embedding import BiEncoder
 from sidecar.pipeline import document_text
 from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
 from sidecar.retrieval.queries import build_lexical_search, build_vector_search
 from tests.integration.conftest import Cluster
-from tests.integration.sidecar_server import RunningSidecar
+from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 
 pytestmark = pytest.mark.integration
 
 QUERY = "how do I make sure cleanup code runs even when an error is raised"
 
 
-def sidecar_settings(opensearch: Cluster, model: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "opensearch_url": opensearch.url,
-        "reranker_model": str(model),
-        "reranker_dtype": "float32",
-        "reranker_max_length": 128,
-        "request_timeout_s": 120.0,
-        "max_candidates": 200,
-        "max_body_bytes": 64 * 1024,
-    }
-    return Settings(**(values | overrides))
-
-
 @pytest.fixture(scope="module")
 def sidecar(
     opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path, pydoc_index: str
 ) -> Iterator[RunningSidecar]:
-    server = RunningSidecar(
-        create_app(sidecar_settings(opensearch, tiny_cross_encoder), encoder=encoder)
-    )
-    yield server
-    server.stop()
+    with running_sidecar(opensearch.url, tiny_cross_encoder, encoder) as server:
+        yield server
 
 
 def post(
@@ -182,18 +164,21 @@ def test_slow_model_fails_open_to_the_first_stage_order_or_closed_with_503(
     backend = StalledBackend(
         CrossEncoderBackend(str(tiny_cross_encoder), device="cpu", dtype="float32", max_length=128)
     )
-    settings = sidecar_settings(
-        opensearch, tiny_cross_encoder, request_timeout_s=1.0, fail_mode=fail_mode
-    )
-    server = RunningSidecar(create_app(settings, backend=backend, encoder=encoder))
-    try:
-        status, answer, _ = post(
-            f"{server.url}/v1/search",
-            {"index": pydoc_index, "query": QUERY, "k": 5, "candidates": 20},
-        )
-    finally:
-        backend.gate.set()
-        server.stop()
+    with running_sidecar(
+        opensearch.url,
+        tiny_cross_encoder,
+        encoder,
+        backend=backend,
+        request_timeout_s=1.0,
+        fail_mode=fail_mode,
+    ) as server:
+        try:
+            status, answer, _ = post(
+                f"{server.url}/v1/search",
+                {"index": pydoc_index, "query": QUERY, "k": 5, "candidates": 20},
+            )
+        finally:
+            backend.gate.set()
     if fail_mode == "open":
         assert status == 200
         assert answer["rerank"] | {"model": None} == {
@@ -216,17 +201,12 @@ def test_slow_model_fails_open_to_the_first_stage_order_or_closed_with_503(
 def test_admission_bound_answers_429_with_retry_after(
     opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path, pydoc_index: str
 ) -> None:
-    settings = sidecar_settings(opensearch, tiny_cross_encoder, rerank_max_pending_pairs=10)
-    backend = CrossEncoderBackend(
-        str(tiny_cross_encoder), device="cpu", dtype="float32", max_length=128
-    )
-    server = RunningSidecar(create_app(settings, backend=backend, encoder=encoder))
-    try:
+    with running_sidecar(
+        opensearch.url, tiny_cross_encoder, encoder, rerank_max_pending_pairs=10
+    ) as server:
         status, answer, headers = post(
             f"{server.url}/v1/search", {"index": pydoc_index, "query": QUERY, "candidates": 20}
         )
-    finally:
-        server.stop()
     assert status == 429
     assert answer["error"]["type"] == "rejected_execution_exception"
     assert int(headers["Retry-After"]) >= 1

@@ -1,0 +1,308 @@
+"""Fine-tuning a cross-encoder for the rerank stage from relevance judgments (offline, not on the
+request path): split queries, mine hard negatives from the sidecar's own first stage, train with
+sentence-transformers, and write a model the reranker loads (`CrossEncoderBackend(out_dir)`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.device import select_device
+from sidecar.evaluation import search
+
+# A training pair: query text, document text, label (1.0 judged relevant, 0.0 negative).
+Example = tuple[str, str, float]
+# Per validation query: its text, the relevant documents' texts, the first-stage candidates' texts.
+ValidationQuery = tuple[str, list[str], list[str]]
+
+_EVALUATOR_NAME = "validation"
+# The trainer prefixes "eval_" and the evaluator its own name to the evaluator's primary metric.
+_BEST_METRIC = f"eval_{_EVALUATOR_NAME}_ndcg@10"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class TrainingReport:
+    """What a training run did and how well the result ranks the validation queries."""
+
+    base: str
+    out_dir: Path
+    train_pairs: int
+    train_queries: int
+    validation_queries: int
+    epochs: int
+    ndcg10_before: float
+    ndcg10_after: float
+    seconds: float
+    device: str
+    model_bytes: int
+
+
+def split_queries(
+    query_ids: Sequence[str], validation_share: float = 0.2, seed: int = 13
+) -> tuple[list[str], list[str]]:
+    """(train, validation) query ids, disjoint and reproducible: the ids are sorted before a seeded
+    shuffle, so the split depends only on the set of ids and the seed, never on input order.
+
+    With two or more ids both parts get at least one. Raises ValueError when the share is not in
+    (0, 1).
+    """
+    if not 0.0 < validation_share < 1.0:
+        raise ValueError(f"validation_share must be in (0, 1), got {validation_share}")
+    ordered = sorted(set(query_ids))
+    random.Random(seed).shuffle(ordered)
+    count = round(len(ordered) * validation_share)
+    if len(ordered) >= 2:
+        count = min(max(count, 1), len(ordered) - 1)
+    return sorted(ordered[count:]), sorted(ordered[:count])
+
+
+def mine_negatives(
+    candidates_by_query: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, Mapping[str, int]],
+    per_query: int,
+) -> dict[str, list[str]]:
+    """Hard negatives per query: its first-stage candidates, in rank order, that are not judged
+    relevant (relevance > 0), at most `per_query` of them.
+
+    Documents judged 0 are kept: they are the hardest negatives there are. Unjudged candidates are
+    assumed irrelevant (the usual, slightly noisy, assumption). Raises ValueError if
+    `per_query` < 0.
+    """
+    if per_query < 0:
+        raise ValueError(f"per_query must be >= 0, got {per_query}")
+    negatives: dict[str, list[str]] = {}
+    for query_id, candidates in candidates_by_query.items():
+        judged = qrels.get(query_id, {})
+        chosen: list[str] = []
+        for doc_id in dict.fromkeys(candidates):  # first occurrence keeps the rank order
+            if len(chosen) == per_query:
+                break
+            if judged.get(doc_id, 0) <= 0:
+                chosen.append(doc_id)
+        negatives[query_id] = chosen
+    return negatives
+
+
+def first_stage_candidates(
+    sidecar_url: str, index: str, queries: Mapping[str, str], candidates: int
+) -> dict[str, list[str]]:
+    """The fused first-stage ids per query, best first, from a running sidecar's native API with
+    rerank off: the negatives are then the documents the reranker will actually have to demote.
+
+    Raises EvalError when the sidecar cannot be reached or refuses a request.
+    """
+    ranked: dict[str, list[str]] = {}
+    for query_id, text in queries.items():
+        body = {
+            "index": index,
+            "query": text,
+            "k": candidates,
+            "candidates": candidates,
+            "rerank": False,
+        }
+        ranked[query_id] = [hit["id"] for hit in search(sidecar_url, body)["hits"]]
+    return ranked
+
+
+def build_examples(
+    queries: Mapping[str, str],
+    documents: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    negatives: Mapping[str, Sequence[str]],
+) -> list[Example]:
+    """Training pairs for the queries in `queries`, in their order: each judged-relevant document
+    labelled 1.0, then the query's negatives labelled 0.0.
+
+    A query without a relevant document in `documents` contributes nothing, so every query trained
+    on has both labels. Documents missing from `documents` (qrels naming ids absent from the
+    corpus happen in real collections) are skipped. A negative that is judged relevant raises
+    ValueError: it would teach the model the opposite of the judgments.
+    """
+    examples: list[Example] = []
+    for query_id, query in queries.items():
+        judged = qrels.get(query_id, {})
+        relevant = [doc for doc, rel in judged.items() if rel > 0 and doc in documents]
+        if not relevant:
+            continue
+        examples.extend((query, documents[doc], 1.0) for doc in relevant)
+        for doc in negatives.get(query_id, ()):
+            if judged.get(doc, 0) > 0:
+                raise ValueError(f"negative {doc!r} of query {query_id!r} is judged relevant")
+            if doc in documents:
+                examples.append((query, documents[doc], 0.0))
+    return examples
+
+
+def train_cross_encoder(
+    base: str,
+    train: Sequence[Example],
+    validation: Mapping[str, ValidationQuery],
+    out_dir: Path,
+    *,
+    epochs: int = 1,
+    batch_size: int = 16,
+    learning_rate: float = 2e-5,
+    max_length: int = 256,
+    seed: int = 13,
+    device: str = "auto",
+    progress: bool = True,
+) -> TrainingReport:
+    """Fine-tune `base` (a Hub id or local path) on `train` with binary cross-entropy and write the
+    best epoch's model, by validation nDCG@10, to `out_dir`.
+
+    A sentence-transformers bi-encoder as `base` gets a fresh single-logit head (seeded). Each
+    epoch is evaluated and checkpointed in `out_dir/checkpoints`, so an interrupted run leaves
+    usable models there. nDCG@10 reranks each validation query's candidates with its relevant
+    documents always included, so it measures the reranker alone, not first-stage recall.
+    Mixed precision only on CUDA. Raises ValueError when `train` or `validation` is empty.
+    """
+    if not train:
+        raise ValueError("no training pairs")
+    if not validation:
+        raise ValueError("no validation queries")
+    import transformers
+
+    # datasets ships no type information; pyproject's mypy overrides do not list it yet.
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import (
+        CrossEncoder,
+        CrossEncoderTrainer,
+        CrossEncoderTrainingArguments,
+    )
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    from sidecar.embedding import resolve_model_source
+
+    started = time.perf_counter()
+    chosen_device = select_device(device)
+    on_cuda = chosen_device.startswith("cuda")
+    transformers.set_seed(seed)
+    model = CrossEncoder(
+        resolve_model_source(base), num_labels=1, max_length=max_length, device=chosen_device
+    )
+    evaluator = CrossEncoderRerankingEvaluator(
+        samples=[
+            {"query": query, "positive": relevant, "documents": candidates}
+            for query, relevant, candidates in validation.values()
+        ],
+        at_k=10,
+        name=_EVALUATOR_NAME,
+        batch_size=batch_size,
+        write_csv=False,
+    )
+    ndcg_before = _ndcg10(evaluator(model))
+
+    import torch
+
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_ratio=0.1,
+        seed=seed,
+        data_seed=seed,
+        bf16=bf16,
+        fp16=on_cuda and not bf16,
+        use_cpu=not on_cuda,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=_BEST_METRIC,
+        greater_is_better=True,
+        logging_strategy="epoch",
+        report_to="none",
+        disable_tqdm=not progress,
+        dataloader_pin_memory=on_cuda,
+    )
+    dataset = Dataset.from_dict(
+        {
+            "query": [query for query, _, _ in train],
+            "document": [text for _, text, _ in train],
+            "label": [float(label) for _, _, label in train],
+        }
+    )
+    trainer = CrossEncoderTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        loss=BinaryCrossEntropyLoss(model),
+        evaluator=evaluator,
+    )
+    trainer.train()
+    best: Any = trainer.model
+    ndcg_after = _ndcg10(evaluator(best))
+    # Our own model card (write_model_card) replaces the library's generated one.
+    best.save_pretrained(str(out_dir), create_model_card=False)
+    return TrainingReport(
+        base=base,
+        out_dir=out_dir,
+        train_pairs=len(train),
+        train_queries=len({query for query, _, _ in train}),
+        validation_queries=len(validation),
+        epochs=epochs,
+        ndcg10_before=ndcg_before,
+        ndcg10_after=ndcg_after,
+        seconds=time.perf_counter() - started,
+        device=chosen_device,
+        model_bytes=sum(
+            path.stat().st_size
+            for path in out_dir.iterdir()
+            if path.is_file() and path.name.endswith(_WEIGHT_SUFFIXES)
+        ),
+    )
+
+
+def write_model_card(report: TrainingReport, command: str, data_description: str) -> Path:
+    """README.md beside the weights: what the model was made from and how well it ranks, so a
+    directory found later still says where it came from. Returns the file written."""
+    card = report.out_dir / "README.md"
+    card.write_text(
+        "\n".join(
+            [
+                f"# Cross-encoder reranker fine-tuned from {report.base}",
+                "",
+                "A single-logit relevance cross-encoder for the sidecar's rerank stage; load it "
+                f"with `SIDECAR_RERANKER_MODEL={report.out_dir}`.",
+                "",
+                "| | |",
+                "|---|---|",
+                f"| base model | `{report.base}` |",
+                f"| data | {data_description} |",
+                f"| training queries | {report.train_queries} |",
+                f"| training pairs | {report.train_pairs} |",
+                f"| validation queries | {report.validation_queries} |",
+                f"| epochs | {report.epochs} |",
+                f"| validation nDCG@10 before (base) | {report.ndcg10_before:.4f} |",
+                f"| validation nDCG@10 after | {report.ndcg10_after:.4f} |",
+                f"| training time | {report.seconds:.1f} s on {report.device} |",
+                f"| weights | {report.model_bytes} bytes |",
+                "",
+                "Validation nDCG@10 reranks each validation query's first-stage candidates with "
+                "its relevant documents always included.",
+                "",
+                "Made with:",
+                "",
+                "```sh",
+                command,
+                "```",
+                "",
+            ]
+        ),
+        encoding="utf-8",
+    )
+    return card
+
+
+def _ndcg10(metrics: Mapping[str, Any]) -> float:
+    return float(metrics[f"{_EVALUATOR_NAME}_ndcg@10"])

@@ -1,0 +1,198 @@
+"""Training data preparation (split, negatives, pairs) and one tiny real fine-tuning run on CPU."""
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import DEFAULT_EMBEDDING_MODEL
+from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
+from sidecar.training import (
+    build_examples,
+    mine_negatives,
+    split_queries,
+    train_cross_encoder,
+    write_model_card,
+)
+
+
+def test_split_is_deterministic_disjoint_and_complete() -> None:
+    ids = [f"q{i}" for i in range(50)]
+    train, validation = split_queries(ids, validation_share=0.2, seed=13)
+    assert (train, validation) == split_queries(list(reversed(ids)), validation_share=0.2, seed=13)
+    assert not set(train) & set(validation)
+    assert set(train) | set(validation) == set(ids)
+    assert len(validation) == 10
+    assert split_queries(ids, validation_share=0.2, seed=14) != (train, validation)
+
+
+def test_split_keeps_both_parts_non_empty() -> None:
+    train, validation = split_queries(["a", "b"], validation_share=0.1)
+    assert len(train) == len(validation) == 1
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.5])
+def test_split_rejects_shares_outside_the_open_interval(share: float) -> None:
+    with pytest.raises(ValueError, match="validation_share"):
+        split_queries(["a", "b"], validation_share=share)
+
+
+QRELS = {
+    "q1": {"d1": 2, "d2": 1, "d3": 0},
+    "q2": {"d5": 1},
+    "q3": {"d7": 1, "d8": 1},
+}
+CANDIDATES = {
+    "q1": ["d1", "d3", "d4", "d2", "d6", "d9"],
+    "q2": ["d5", "d5", "d6", "d4"],
+    "q3": ["d8", "d7"],  # every candidate is relevant
+    "q4": ["d1", "d2"],  # no judgments at all
+}
+
+
+@pytest.mark.parametrize("per_query", [0, 1, 2, 3, 10])
+def test_negatives_are_never_judged_relevant_and_keep_rank_order(per_query: int) -> None:
+    negatives = mine_negatives(CANDIDATES, QRELS, per_query)
+    assert set(negatives) == set(CANDIDATES)
+    for query_id, chosen in negatives.items():
+        judged = QRELS.get(query_id, {})
+        assert all(judged.get(doc, 0) <= 0 for doc in chosen)
+        assert len(chosen) <= per_query
+        assert len(set(chosen)) == len(chosen)
+        positions = [CANDIDATES[query_id].index(doc) for doc in chosen]
+        assert positions == sorted(positions)
+
+
+def test_negatives_take_the_top_unjudged_or_zero_judged_candidates() -> None:
+    negatives = mine_negatives(CANDIDATES, QRELS, per_query=2)
+    assert negatives == {"q1": ["d3", "d4"], "q2": ["d6", "d4"], "q3": [], "q4": ["d1", "d2"]}
+
+
+def test_negatives_reject_a_negative_count() -> None:
+    with pytest.raises(ValueError, match="per_query"):
+        mine_negatives(CANDIDATES, QRELS, per_query=-1)
+
+
+def test_examples_label_relevant_one_and_negatives_zero() -> None:
+    queries = {"q1": "first", "q2": "second", "q9": "unjudged"}
+    documents = {f"d{i}": f"text {i}" for i in range(1, 9)}
+    negatives = {"q1": ["d3", "d4"], "q2": ["d6"], "q9": ["d1"]}
+    examples = build_examples(queries, documents, QRELS, negatives)
+    assert examples == [
+        ("first", "text 1", 1.0),
+        ("first", "text 2", 1.0),
+        ("first", "text 3", 0.0),
+        ("first", "text 4", 0.0),
+        ("second", "text 5", 1.0),
+        ("second", "text 6", 0.0),
+    ]
+
+
+def test_examples_refuse_a_relevant_negative() -> None:
+    with pytest.raises(ValueError, match="judged relevant"):
+        build_examples({"q1": "first"}, {"d1": "one"}, QRELS, {"q1": ["d1"]})
+
+
+TOPICS = {
+    "t1": (
+        "how do volcanoes erupt",
+        [
+            "Magma rises through the crust and erupts from a volcano as lava and ash.",
+            "Volcanic eruptions happen when gas pressure in magma chambers forces molten rock up.",
+        ],
+    ),
+    "t2": (
+        "how to bake sourdough bread",
+        [
+            "Sourdough bread is leavened with a starter culture of wild yeast and baked in a hot oven.",
+            "Feed the sourdough starter, knead the dough, let it proof overnight and bake it.",
+        ],
+    ),
+    "t3": (
+        "rules of association football",
+        [
+            "In football two teams of eleven players try to kick the ball into the opposing goal.",
+            "A football match lasts ninety minutes and offside rules restrict attacking players.",
+        ],
+    ),
+    "t4": (
+        "how do vaccines train the immune system",
+        [
+            "Vaccines expose the immune system to an antigen so it produces antibodies.",
+            "After vaccination memory cells let the immune system respond quickly to infection.",
+        ],
+    ),
+    "t5": (
+        "python list comprehension syntax",
+        [
+            "A Python list comprehension builds a list with brackets: [x * 2 for x in items].",
+            "List comprehensions in Python can filter with an if clause after the for clause.",
+        ],
+    ),
+    "t6": (
+        "migration of monarch butterflies",
+        [
+            "Monarch butterflies migrate thousands of kilometres from Canada to Mexico each autumn.",
+            "The monarch butterfly migration spans several generations of the insect.",
+        ],
+    ),
+}
+
+
+def test_tiny_training_run_writes_a_loadable_reranker_and_a_card(tmp_path: Path) -> None:
+    ids = sorted(TOPICS)
+    documents = {
+        f"{topic}-{n}": text for topic in ids for n, text in enumerate(TOPICS[topic][1], start=1)
+    }
+    queries = {topic: TOPICS[topic][0] for topic in ids}
+    qrels = {topic: {f"{topic}-1": 1, f"{topic}-2": 1} for topic in ids}
+    # Every other topic's documents are candidates, as a first stage would return them.
+    candidates = {topic: [doc for doc in documents if not doc.startswith(topic)] for topic in ids}
+    train_ids, validation_ids = split_queries(ids, validation_share=0.34)
+    negatives = mine_negatives(candidates, qrels, per_query=4)
+    train = build_examples({q: queries[q] for q in train_ids}, documents, qrels, negatives)
+    validation = {
+        q: (
+            queries[q],
+            [documents[d] for d in qrels[q]],
+            [documents[d] for d in candidates[q][:6]],
+        )
+        for q in validation_ids
+    }
+    out = tmp_path / "reranker"
+
+    report = train_cross_encoder(
+        DEFAULT_EMBEDDING_MODEL,
+        train,
+        validation,
+        out,
+        epochs=1,
+        batch_size=8,
+        max_length=64,
+        device="cpu",
+        progress=False,
+    )
+
+    assert report.train_pairs == len(train) == 4 * 6
+    assert report.train_queries == len(train_ids) == 4
+    assert report.validation_queries == 2
+    assert 0.0 <= report.ndcg10_before <= 1.0
+    assert 0.0 <= report.ndcg10_after <= 1.0
+    assert report.device == "cpu"
+    assert report.model_bytes > 1_000_000
+    assert any((out / "checkpoints").iterdir())
+
+    backend = CrossEncoderBackend(str(out), device="cpu", dtype="float32")
+    scores = backend.score(
+        [ScoringPair(queries["t1"], documents["t1-1"], 32), ScoringPair("x", "y", 4)]
+    )
+    assert len(scores) == 2
+    assert all(isinstance(score, float) for score in scores)
+
+    card = write_model_card(report, "sidecar train --epochs 1", "six hand-written topics")
+    text = card.read_text()
+    assert card == out / "README.md"
+    assert DEFAULT_EMBEDDING_MODEL in text
+    assert f"{report.ndcg10_before:.4f}" in text
+    assert f"{report.ndcg10_after:.4f}" in text
+    assert "six hand-written topics" in text
+    assert "sidecar train --epochs 1" in text

@@ -291,7 +291,7 @@ def _index_load(args: argparse.Namespace, settings: Settings) -> int:
                 **dataclasses.asdict(report),
                 "elapsed_s": round(elapsed, 1),
                 "device": encoder.device,
-                "dtype": str(encoder.dtype).removeprefix("torch."),
+                "dtype": encoder.dtype,
             },
             indent=2,
         )

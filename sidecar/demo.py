@@ -37,7 +37,7 @@ def run_demo(
     create_index(client, index, VectorOptions(dimension=encoder.dimension))
     report = load_corpus(client, encoder, index, corpus)
     print(
-        f"index {index!r}: {report.index_count} documents (bi-encoder on {encoder.device}, {str(encoder.dtype).removeprefix('torch.')})"
+        f"index {index!r}: {report.index_count} documents (bi-encoder on {encoder.device}, {encoder.dtype})"
     )
 
     reranker = settings.reranker_model

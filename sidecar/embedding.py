@@ -36,10 +36,12 @@ class BiEncoder:
 
         self.model_name = model
         self.device = select_device(device)
-        self.dtype = select_dtype(dtype, self.device)
+        torch_dtype = select_dtype(dtype, self.device)
+        # As the cross-encoder backend reports it: "float32", "bfloat16", "float16".
+        self.dtype = str(torch_dtype).removeprefix("torch.")
         self.batch_size = batch_size
         self._model = SentenceTransformer(
-            resolve_model_source(model), device=self.device, model_kwargs={"dtype": self.dtype}
+            resolve_model_source(model), device=self.device, model_kwargs={"dtype": torch_dtype}
         )
         dimension = self._model.get_embedding_dimension()
         if dimension is None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytrec_eval
+import scipy.stats
 from tqdm import tqdm
 
 from sidecar.metrics import rank_range, score_range
@@ -61,18 +63,76 @@ def read_queries(path: Path, wanted: Iterable[str]) -> dict[str, str]:
 def evaluate_run(qrels: Qrels, run: Run) -> dict[str, float]:
     """Mean nDCG@10, Recall@100 and MRR@10 over the judged queries (a query absent from the run
     scores 0, as trec_eval's -c option would count it)."""
+    per_query = per_query_metrics(qrels, run)
+    count = len(per_query) or 1
+    return {
+        name: sum(metrics[name] for metrics in per_query.values()) / count
+        for name in ("ndcg@10", "recall@100", "mrr@10")
+    }
+
+
+def per_query_metrics(qrels: Qrels, run: Run) -> dict[str, dict[str, float]]:
+    """nDCG@10, Recall@100 and MRR@10 of each query with a relevant judgment."""
     judged = {q: docs for q, docs in qrels.items() if any(rel > 0 for rel in docs.values())}
     full = {q: run.get(q, {}) or {"__none__": 0.0} for q in judged}
     top10 = {
         q: dict(sorted(docs.items(), key=lambda item: -item[1])[:10]) for q, docs in full.items()
     }
-    per_query = pytrec_eval.RelevanceEvaluator(judged, _MEASURES).evaluate(full)
+    measured = pytrec_eval.RelevanceEvaluator(judged, _MEASURES).evaluate(full)
     reciprocal = pytrec_eval.RelevanceEvaluator(judged, {"recip_rank"}).evaluate(top10)
-    count = len(judged) or 1
     return {
-        "ndcg@10": sum(m["ndcg_cut_10"] for m in per_query.values()) / count,
-        "recall@100": sum(m["recall_100"] for m in per_query.values()) / count,
-        "mrr@10": sum(m["recip_rank"] for m in reciprocal.values()) / count,
+        q: {
+            "ndcg@10": measured[q]["ndcg_cut_10"],
+            "recall@100": measured[q]["recall_100"],
+            "mrr@10": reciprocal[q]["recip_rank"],
+        }
+        for q in judged
+    }
+
+
+def paired_gain(baseline: Mapping[str, float], treated: Mapping[str, float]) -> dict[str, Any]:
+    """How a per-query metric changed from `baseline` to `treated` over the same queries: the mean
+    change with a 95% bootstrap confidence interval (10,000 resamples, seeded), its spread
+    (standard deviation, percentiles), wins/ties/losses, and the Wilcoxon signed-rank p-value,
+    the usual paired test for IR metrics (their differences are not normally distributed).
+
+    Raises ValueError when the two do not cover the same queries.
+    """
+    if set(baseline) != set(treated):
+        raise ValueError("the baseline and the treated run must cover the same queries")
+    deltas = np.array([treated[q] - baseline[q] for q in sorted(baseline)])
+    if not deltas.size:
+        raise ValueError("no queries to compare")
+    mean = float(deltas.mean())
+    if np.all(deltas == deltas[0]):  # no spread: the interval is the value, the test undefined
+        low, high, p_value = mean, mean, 1.0 if mean == 0 else 0.0
+    else:
+        interval = scipy.stats.bootstrap(
+            (deltas,),
+            np.mean,
+            confidence_level=0.95,
+            n_resamples=10_000,
+            method="percentile",
+            rng=np.random.default_rng(0),
+        ).confidence_interval
+        low, high = float(interval.low), float(interval.high)
+        nonzero = deltas[deltas != 0]
+        p_value = (
+            float(scipy.stats.wilcoxon(nonzero, method="approx").pvalue) if nonzero.size else 1.0
+        )
+    percentiles = np.percentile(deltas, [10, 25, 50, 75, 90])
+    return {
+        "queries": int(deltas.size),
+        "mean": mean,
+        "ci95": [low, high],
+        "stdev": float(deltas.std(ddof=1)) if deltas.size > 1 else 0.0,
+        "percentiles": dict(
+            zip(("p10", "p25", "p50", "p75", "p90"), map(float, percentiles), strict=True)
+        ),
+        "wins": int((deltas > 0).sum()),
+        "ties": int((deltas == 0).sum()),
+        "losses": int((deltas < 0).sum()),
+        "wilcoxon_p": p_value,
     }
 
 
@@ -253,6 +313,13 @@ def run_evaluation(
         "quality": {mode: evaluate_run(scoped, collected.runs[mode]) for mode in options.modes},
         "latency_ms": latency_summary(collected.timings_ms),
     }
+    per_query = {
+        mode: {q: m["ndcg@10"] for q, m in per_query_metrics(scoped, collected.runs[mode]).items()}
+        for mode in options.modes
+    }
+    report["per_query_ndcg@10"] = per_query
+    if {"hybrid", "hybrid+rerank"} <= set(options.modes):
+        report["rerank_gain"] = paired_gain(per_query["hybrid"], per_query["hybrid+rerank"])
     if "hybrid+rerank" in options.modes:
         report["provenance"] = provenance_table(collected.final_top)
         if {"bm25", "knn"} <= set(options.modes):
@@ -343,6 +410,23 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     plt.close(figure)
     written.append(out / "quality.png")
 
+    if "rerank_gain" in report:
+        per_query = report["per_query_ndcg@10"]
+        deltas = [
+            per_query["hybrid+rerank"][q] - per_query["hybrid"][q] for q in per_query["hybrid"]
+        ]
+        figure, axes = plt.subplots(figsize=(7, 4))
+        axes.hist(deltas, bins=np.linspace(-1, 1, 41).tolist(), color="tab:blue")
+        axes.axvline(report["rerank_gain"]["mean"], color="black", linestyle="--", label="mean")
+        axes.set_xlabel("nDCG@10 change per query (hybrid+rerank - hybrid)")
+        axes.set_ylabel("queries")
+        axes.set_title(f"{report['index']}: rerank gain per query ({len(deltas)} queries)")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(out / "rerank_gain.png", dpi=120)
+        plt.close(figure)
+        written.append(out / "rerank_gain.png")
+
     if report["sweep_candidates"]:
         points = report["sweep_candidates"]
         figure, axes = plt.subplots(figsize=(7, 4))
@@ -390,6 +474,23 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         f"| {mode} | {v['ndcg@10']:.4f} | {v['recall@100']:.4f} | {v['mrr@10']:.4f} |"
         for mode, v in report["quality"].items()
     ]
+    if "rerank_gain" in report:
+        gain = report["rerank_gain"]
+        spread = gain["percentiles"]
+        lines += [
+            "",
+            "## Rerank gain over hybrid (nDCG@10, per query)",
+            "",
+            f"Mean {gain['mean']:+.4f} (95% bootstrap CI {gain['ci95'][0]:+.4f} to "
+            f"{gain['ci95'][1]:+.4f}), standard deviation {gain['stdev']:.4f} over "
+            f"{gain['queries']} queries; better on {gain['wins']}, unchanged on {gain['ties']}, "
+            f"worse on {gain['losses']}; Wilcoxon signed-rank p = {gain['wilcoxon_p']:.2g}.",
+            "",
+            "| p10 | p25 | median | p75 | p90 |",
+            "|---|---|---|---|---|",
+            f"| {spread['p10']:+.4f} | {spread['p25']:+.4f} | {spread['p50']:+.4f} | "
+            f"{spread['p75']:+.4f} | {spread['p90']:+.4f} |",
+        ]
     lines += [
         "",
         "## Latency (ms)",

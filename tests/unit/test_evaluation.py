@@ -8,6 +8,8 @@ import pytest
 from sidecar.evaluation import (
     ModeRuns,
     evaluate_run,
+    paired_gain,
+    per_query_metrics,
     provenance_table,
     read_qrels,
     read_queries,
@@ -41,6 +43,53 @@ def test_queries_missing_from_the_run_count_as_zero(tmp_path: Path) -> None:
     qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}}
     scores = evaluate_run(qrels, {"q1": {"d1": 1.0}})
     assert scores == {"ndcg@10": 0.5, "recall@100": 0.5, "mrr@10": 0.5}
+
+
+def test_per_query_metrics_cover_judged_queries_and_average_to_the_run_means() -> None:
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1, "d3": 1}, "q3": {"d4": 0}}
+    run = {"q1": {"x": 2.0, "d1": 1.0}, "q2": {"d2": 1.0}}
+    per_query = per_query_metrics(qrels, run)
+    assert set(per_query) == {"q1", "q2"}, "a query with no relevant judgment is not scored"
+    assert per_query["q1"]["mrr@10"] == 0.5
+    assert per_query["q2"]["recall@100"] == 0.5
+    means = evaluate_run(qrels, run)
+    for name, mean in means.items():
+        assert mean == pytest.approx(sum(m[name] for m in per_query.values()) / 2)
+
+
+def test_paired_gain_summarises_per_query_changes() -> None:
+    baseline = {"a": 0.5, "b": 0.2, "c": 0.9, "d": 0.4}
+    treated = {"a": 0.7, "b": 0.2, "c": 0.6, "d": 0.9}  # changes +0.2, 0, -0.3, +0.5
+    gain = paired_gain(baseline, treated)
+    assert gain["queries"] == 4
+    assert gain["mean"] == pytest.approx(0.1)
+    assert gain["stdev"] == pytest.approx(math.sqrt(0.34 / 3))
+    assert (gain["wins"], gain["ties"], gain["losses"]) == (2, 1, 1)
+    assert gain["percentiles"]["p50"] == pytest.approx(0.1)
+    low, high = gain["ci95"]
+    assert -0.3 <= low <= 0.1 <= high <= 0.5
+    assert 0.0 < gain["wilcoxon_p"] <= 1.0
+
+
+def test_paired_gain_separates_a_consistent_gain_from_noise() -> None:
+    baseline = {f"q{i}": 0.3 for i in range(40)}
+    consistent = paired_gain(baseline, {q: 0.4 + (int(q[1:]) % 5) / 100 for q in baseline})
+    assert consistent["ci95"][0] > 0.0
+    assert consistent["wilcoxon_p"] < 0.001
+    # Exactly representable changes, so equal gains and losses rank as ties in the test.
+    halves = {q: 0.5 for q in baseline}
+    noise = paired_gain(halves, {q: 0.5 + (0.25 if int(q[1:]) % 2 else -0.25) for q in halves})
+    assert noise["ci95"][0] < 0.0 < noise["ci95"][1]
+    assert noise["wilcoxon_p"] > 0.5
+
+
+def test_paired_gain_without_change_and_with_mismatched_queries() -> None:
+    same = paired_gain({"a": 0.5, "b": 0.1}, {"a": 0.5, "b": 0.1})
+    assert same["mean"] == 0.0
+    assert same["ci95"] == [0.0, 0.0]
+    assert same["wilcoxon_p"] == 1.0
+    with pytest.raises(ValueError, match="same queries"):
+        paired_gain({"a": 0.5}, {"b": 0.5})
 
 
 def test_queries_are_read_for_judged_ids_only(tmp_path: Path) -> None:

@@ -1,4 +1,6 @@
-"""Command line: `sidecar opensearch up|down|status` (local dev cluster), `sidecar index create|load`."""
+"""Command line: `serve`, the local dev cluster (`opensearch up|down|status`), `index create|load`,
+and the offline tools around the serving path: `bench`, `provenance`, `eval`, `train-reranker`,
+`demo`. Each handler parses, delegates to its module, and prints."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -17,7 +20,7 @@ from urllib.parse import urlparse
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import OpenSearchException
 
-from sidecar.config import Settings, SettingsError
+from sidecar.config import DEFAULT_EMBEDDING_MODEL, Settings, SettingsError
 from sidecar.embedding import BiEncoder
 from sidecar.evaluation import MODES, EvalError
 from sidecar.indexing.corpus import CorpusError
@@ -27,6 +30,7 @@ from sidecar.local_opensearch.artifacts import DownloadError
 from sidecar.local_opensearch.java import JavaError
 from sidecar.local_opensearch.node import LocalNode, NodeError, NodeStatus
 from sidecar.provenance import ProvenanceError
+from sidecar.training import HELDOUT_QRELS
 
 log = logging.getLogger("sidecar")
 
@@ -54,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("opensearch").setLevel(logging.WARNING)
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["sidecar", *(sys.argv[1:] if argv is None else argv)])
     try:
         settings = Settings.from_env(os.environ)
         if getattr(args, "opensearch_url", None):
@@ -169,7 +174,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--index", required=True, help="loaded from the dataset's corpus if absent"
     )
-    evaluate.add_argument("--qrels", default="qrels/test.tsv", help="relative to --dataset")
+    evaluate.add_argument(
+        "--qrels", default="qrels/test.tsv", help="relative to --dataset, or an absolute path"
+    )
     evaluate.add_argument(
         "--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES)
     )
@@ -193,6 +200,56 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--out", type=Path, help="report folder (default: out/eval-INDEX)")
     evaluate.set_defaults(handler=_eval)
+
+    train = commands.add_parser(
+        "train-reranker",
+        help="fine-tune a cross-encoder on a BEIR collection's judgments, negatives mined through "
+        "a running sidecar's first stage",
+    )
+    train.add_argument("--dataset", type=Path, required=True, help="BEIR folder")
+    train.add_argument(
+        "--qrels", default="qrels/train.tsv", help="relative to --dataset, or an absolute path"
+    )
+    train.add_argument("--index", required=True, help="loaded from the dataset's corpus if absent")
+    train.add_argument(
+        "--base",
+        default=DEFAULT_EMBEDDING_MODEL,
+        help="Hub id or local folder: a cross-encoder, or an encoder that gets a fresh head "
+        "(default: the bundled all-MiniLM-L6-v2)",
+    )
+    train.add_argument("--out", type=Path, required=True, help="model folder to write")
+    train.add_argument(
+        "--holdout-share",
+        type=float,
+        default=0.2,
+        help=f"queries kept out of training, written to OUT/{HELDOUT_QRELS} (0: none)",
+    )
+    train.add_argument("--validation-share", type=float, default=0.2, help="of the rest")
+    train.add_argument("--candidates", type=int, default=20, help="per retriever, mined from")
+    train.add_argument("--negatives", type=int, default=4, help="hard negatives per query")
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--learning-rate", type=float, default=2e-5)
+    train.add_argument("--max-length", type=int, default=256, help="tokens per pair")
+    train.add_argument("--seed", type=int, default=13)
+    train.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: SIDECAR_DEVICE)")
+    train.add_argument(
+        "--checkpoint-steps",
+        type=int,
+        help="validate and checkpoint every N steps (default: epoch)",
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run in OUT/checkpoints"
+    )
+    train.add_argument(
+        "--url", dest="sidecar_url", help="sidecar URL (default: http://LISTEN_HOST:LISTEN_PORT)"
+    )
+    train.add_argument(
+        "--opensearch",
+        dest="opensearch_url",
+        help="where to load the index if absent (default: SIDECAR_OPENSEARCH_URL)",
+    )
+    train.set_defaults(handler=_train_reranker)
 
     demo = commands.add_parser(
         "demo", help="load the bundled sample corpus and run an example query"
@@ -363,12 +420,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     qrels = read_qrels(args.dataset / args.qrels)
     queries = read_queries(args.dataset / "queries.jsonl", qrels)
-    client = _client(settings)
-    if not client.indices.exists(index=args.index):
-        log.info("index %s is absent: loading %s", args.index, args.dataset / "corpus.jsonl")
-        encoder = BiEncoder.from_settings(settings)
-        create_index(client, args.index, VectorOptions(dimension=encoder.dimension))
-        load_corpus(client, encoder, args.index, args.dataset / "corpus.jsonl")
+    _ensure_index(settings, args.index, args.dataset / "corpus.jsonl")
     options = EvalOptions(
         modes=modes,
         k=args.k,
@@ -385,6 +437,55 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     written = write_report(report, out)
     print((out / "report.md").read_text())
     print("written: " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _ensure_index(settings: Settings, index: str, corpus: Path) -> None:
+    client = _client(settings)
+    if not client.indices.exists(index=index):
+        log.info("index %s is absent: loading %s", index, corpus)
+        encoder = BiEncoder.from_settings(settings)
+        create_index(client, index, VectorOptions(dimension=encoder.dimension))
+        load_corpus(client, encoder, index, corpus)
+
+
+def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
+    from sidecar.training import TrainOptions, train_reranker
+
+    _ensure_index(settings, args.index, args.dataset / "corpus.jsonl")
+    options = TrainOptions(
+        holdout_share=args.holdout_share,
+        validation_share=args.validation_share,
+        candidates=args.candidates,
+        negatives=args.negatives,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        max_length=args.max_length,
+        seed=args.seed,
+        device=args.device or settings.device,
+        checkpoint_steps=args.checkpoint_steps,
+        resume=args.resume,
+    )
+    report = train_reranker(
+        args.sidecar_url or _local_sidecar(settings),
+        args.index,
+        args.dataset,
+        args.dataset / args.qrels,
+        args.base,
+        args.out,
+        options,
+        args.command_line,
+    )
+    print((report.out_dir / "README.md").read_text())
+    print(f"serve it:    SIDECAR_RERANKER_MODEL={report.out_dir.resolve()} sidecar serve")
+    heldout = report.out_dir / HELDOUT_QRELS
+    if heldout.exists():
+        print(
+            "evaluate it: sidecar eval --modes hybrid,hybrid+rerank "
+            f"--dataset {args.dataset} --index {args.index} --qrels {heldout.resolve()} "
+            f"--candidates {args.candidates}"
+        )
     return 0
 
 

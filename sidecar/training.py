@@ -5,15 +5,24 @@ sentence-transformers, and write a model the reranker loads (`CrossEncoderBacken
 
 from __future__ import annotations
 
+import json
+import logging
 import random
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.device import select_device
-from sidecar.evaluation import search
+from tqdm import tqdm
+
+from sidecar.device import select_device, select_dtype
+from sidecar.evaluation import Qrels, read_qrels, read_queries, search
+from sidecar.indexing.corpus import read_corpus
+from sidecar.pipeline import DEFAULT_DOCUMENT_FIELDS, document_text
+
+log = logging.getLogger(__name__)
 
 # A training pair: query text, document text, label (1.0 judged relevant, 0.0 negative).
 Example = tuple[str, str, float]
@@ -24,6 +33,10 @@ _EVALUATOR_NAME = "validation"
 # The trainer prefixes "eval_" and the evaluator its own name to the evaluator's primary metric.
 _BEST_METRIC = f"eval_{_EVALUATOR_NAME}_ndcg@10"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# The judgments of the held-out queries, written beside the model for `sidecar eval --qrels`.
+HELDOUT_QRELS = "heldout-qrels.tsv"
+NEGATIVES_FILE = "negatives.json"
+SPLITS_FILE = "splits.json"
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,7 @@ class TrainingReport:
     ndcg10_after: float
     seconds: float
     device: str
+    precision: str
     model_bytes: int
 
 
@@ -90,7 +104,11 @@ def mine_negatives(
 
 
 def first_stage_candidates(
-    sidecar_url: str, index: str, queries: Mapping[str, str], candidates: int
+    sidecar_url: str,
+    index: str,
+    queries: Mapping[str, str],
+    candidates: int,
+    progress: bool = True,
 ) -> dict[str, list[str]]:
     """The fused first-stage ids per query, best first, from a running sidecar's native API with
     rerank off: the negatives are then the documents the reranker will actually have to demote.
@@ -98,7 +116,9 @@ def first_stage_candidates(
     Raises EvalError when the sidecar cannot be reached or refuses a request.
     """
     ranked: dict[str, list[str]] = {}
-    for query_id, text in queries.items():
+    for query_id, text in tqdm(
+        queries.items(), desc="mining candidates", unit="query", disable=not progress
+    ):
         body = {
             "index": index,
             "query": text,
@@ -151,24 +171,35 @@ def train_cross_encoder(
     max_length: int = 256,
     seed: int = 13,
     device: str = "auto",
+    checkpoint_steps: int | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> TrainingReport:
     """Fine-tune `base` (a Hub id or local path) on `train` with binary cross-entropy and write the
-    best epoch's model, by validation nDCG@10, to `out_dir`.
+    best model, by validation nDCG@10, to `out_dir`.
 
-    A sentence-transformers bi-encoder as `base` gets a fresh single-logit head (seeded). Each
-    epoch is evaluated and checkpointed in `out_dir/checkpoints`, so an interrupted run leaves
-    usable models there. nDCG@10 reranks each validation query's candidates with its relevant
-    documents always included, so it measures the reranker alone, not first-stage recall.
-    Mixed precision only on CUDA. Raises ValueError when `train` or `validation` is empty.
+    A sentence-transformers bi-encoder as `base` gets a fresh single-logit head (seeded). The
+    model is evaluated and checkpointed in `out_dir/checkpoints` after each epoch, or every
+    `checkpoint_steps` optimizer steps, so an interrupted run loses at most that much work and
+    `resume` continues it from the last checkpoint (model, optimizer, scheduler and RNG states);
+    the checkpoints are removed once the best model is written. nDCG@10 reranks each validation
+    query's candidates with its relevant documents always included, so it measures the reranker
+    alone, not first-stage recall.
+
+    Raises ValueError when `train` or `validation` is empty, or when `out_dir` holds an
+    interrupted run's checkpoints and `resume` is not set (starting over would discard them).
     """
     if not train:
         raise ValueError("no training pairs")
     if not validation:
         raise ValueError("no validation queries")
+    checkpoints = out_dir / "checkpoints"
+    interrupted = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+    if interrupted and not resume:
+        raise ValueError(
+            f"{checkpoints} holds an interrupted run: resume it, or remove the folder to start over"
+        )
     import transformers
-
-    # datasets ships no type information; pyproject's mypy overrides do not list it yet.
     from datasets import Dataset
     from sentence_transformers.cross_encoder import (
         CrossEncoder,
@@ -195,15 +226,23 @@ def train_cross_encoder(
         at_k=10,
         name=_EVALUATOR_NAME,
         batch_size=batch_size,
+        show_progress_bar=progress,
         write_csv=False,
     )
     ndcg_before = _ndcg10(evaluator(model))
 
     import torch
 
-    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    # Mixed precision where the hardware computes it natively: bf16 on Ampere+ GPUs and on CPUs
+    # with bf16 units (AMX, AVX512-BF16; about 1.5x the fp32 training speed there), else fp16 on
+    # CUDA, else fp32. The saved weights stay fp32.
+    if on_cuda:
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        bf16 = select_dtype("auto", chosen_device) == torch.bfloat16
+    fp16 = on_cuda and not bf16
     args = CrossEncoderTrainingArguments(
-        output_dir=str(out_dir / "checkpoints"),
+        output_dir=str(checkpoints),
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
@@ -212,15 +251,18 @@ def train_cross_encoder(
         seed=seed,
         data_seed=seed,
         bf16=bf16,
-        fp16=on_cuda and not bf16,
+        fp16=fp16,
         use_cpu=not on_cuda,
-        eval_strategy="epoch",
-        save_strategy="epoch",
+        eval_strategy="steps" if checkpoint_steps else "epoch",
+        save_strategy="steps" if checkpoint_steps else "epoch",
+        eval_steps=checkpoint_steps,
+        save_steps=checkpoint_steps or 500,  # used only with the "steps" strategy
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model=_BEST_METRIC,
         greater_is_better=True,
-        logging_strategy="epoch",
+        logging_strategy="steps" if checkpoint_steps else "epoch",
+        logging_steps=checkpoint_steps or 500,
         report_to="none",
         disable_tqdm=not progress,
         dataloader_pin_memory=on_cuda,
@@ -239,11 +281,14 @@ def train_cross_encoder(
         loss=BinaryCrossEntropyLoss(model),
         evaluator=evaluator,
     )
-    trainer.train()
+    if interrupted:
+        log.info("resuming the interrupted run in %s", checkpoints)
+    trainer.train(resume_from_checkpoint=interrupted or None)
     best: Any = trainer.model
     ndcg_after = _ndcg10(evaluator(best))
     # Our own model card (write_model_card) replaces the library's generated one.
     best.save_pretrained(str(out_dir), create_model_card=False)
+    shutil.rmtree(checkpoints)
     return TrainingReport(
         base=base,
         out_dir=out_dir,
@@ -255,6 +300,7 @@ def train_cross_encoder(
         ndcg10_after=ndcg_after,
         seconds=time.perf_counter() - started,
         device=chosen_device,
+        precision="bf16 mixed" if bf16 else "fp16 mixed" if fp16 else "fp32",
         model_bytes=sum(
             path.stat().st_size
             for path in out_dir.iterdir()
@@ -285,7 +331,7 @@ def write_model_card(report: TrainingReport, command: str, data_description: str
                 f"| epochs | {report.epochs} |",
                 f"| validation nDCG@10 before (base) | {report.ndcg10_before:.4f} |",
                 f"| validation nDCG@10 after | {report.ndcg10_after:.4f} |",
-                f"| training time | {report.seconds:.1f} s on {report.device} |",
+                f"| training time | {report.seconds:.1f} s on {report.device}, {report.precision} |",
                 f"| weights | {report.model_bytes} bytes |",
                 "",
                 "Validation nDCG@10 reranks each validation query's first-stage candidates with "
@@ -302,6 +348,133 @@ def write_model_card(report: TrainingReport, command: str, data_description: str
         encoding="utf-8",
     )
     return card
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """`sidecar train-reranker`'s choices beyond the data, base model and output."""
+
+    # Share of the judged queries never trained or validated on, written as heldout-qrels.tsv for
+    # `sidecar eval`; 0 trains on all of them.
+    holdout_share: float = 0.2
+    validation_share: float = 0.2
+    candidates: int = 20
+    negatives: int = 4
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 2e-5
+    max_length: int = 256
+    seed: int = 13
+    device: str = "auto"
+    checkpoint_steps: int | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+def train_reranker(
+    sidecar_url: str,
+    index: str,
+    dataset: Path,
+    qrels_path: Path,
+    base: str,
+    out_dir: Path,
+    options: TrainOptions,
+    command: str,
+) -> TrainingReport:
+    """The whole `sidecar train-reranker` flow on a BEIR folder whose corpus is loaded in `index`:
+    split the judged queries, mine negatives through the sidecar at `sidecar_url`, fine-tune, and
+    write the model, its card, the split (splits.json), the mined negatives (negatives.json) and
+    the held-out judgments.
+
+    Documents are read as the rerank stage reads them (title and text joined), so the model is
+    trained on the input it is served. Raises ValueError when fewer than two queries are judged
+    relevant (nothing to split), EvalError when the sidecar fails.
+    """
+    qrels = read_qrels(qrels_path)
+    judged = sorted(q for q, docs in qrels.items() if any(rel > 0 for rel in docs.values()))
+    queries = read_queries(dataset / "queries.jsonl", judged)
+    if len(queries) < 2:
+        raise ValueError(f"{qrels_path} judges fewer than two queries of {dataset} relevant")
+    usable, heldout = list(queries), list[str]()
+    if options.holdout_share > 0:
+        usable, heldout = split_queries(usable, options.holdout_share, options.seed)
+    train_ids, validation_ids = split_queries(usable, options.validation_share, options.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SPLITS_FILE).write_text(
+        json.dumps({"train": train_ids, "validation": validation_ids, "heldout": heldout}, indent=1)
+        + "\n"
+    )
+    if heldout:
+        write_qrels({q: qrels[q] for q in heldout}, out_dir / HELDOUT_QRELS)
+    log.info(
+        "queries: %d train, %d validation, %d held out",
+        len(train_ids),
+        len(validation_ids),
+        len(heldout),
+    )
+
+    candidates = first_stage_candidates(
+        sidecar_url,
+        index,
+        {q: queries[q] for q in train_ids + validation_ids},
+        options.candidates,
+        options.progress,
+    )
+    wanted = {doc for ranked in candidates.values() for doc in ranked}
+    wanted |= {doc for q in candidates for doc, rel in qrels[q].items() if rel > 0}
+    documents = read_documents(dataset / "corpus.jsonl", wanted)
+    negatives = mine_negatives({q: candidates[q] for q in train_ids}, qrels, options.negatives)
+    # What each query was trained against, to audit the negatives later.
+    (out_dir / NEGATIVES_FILE).write_text(json.dumps(negatives, indent=1) + "\n")
+    train = build_examples({q: queries[q] for q in train_ids}, documents, qrels, negatives)
+    validation: dict[str, ValidationQuery] = {}
+    for query_id in validation_ids:
+        relevant = [
+            documents[d] for d, rel in qrels[query_id].items() if rel > 0 and d in documents
+        ]
+        if relevant:
+            ranked = [documents[d] for d in candidates[query_id] if d in documents]
+            validation[query_id] = (queries[query_id], relevant, ranked)
+    log.info("training pairs: %d; validation queries: %d", len(train), len(validation))
+
+    report = train_cross_encoder(
+        base,
+        train,
+        validation,
+        out_dir,
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        max_length=options.max_length,
+        seed=options.seed,
+        device=options.device,
+        checkpoint_steps=options.checkpoint_steps,
+        resume=options.resume,
+        progress=options.progress,
+    )
+    description = (
+        f"`{qrels_path}` of `{dataset}`; negatives: the top {options.negatives} of "
+        f"{options.candidates} hybrid first-stage candidates (index `{index}`) not judged "
+        f"relevant; {len(heldout)} queries held out (`{HELDOUT_QRELS}`)"
+    )
+    write_model_card(report, command, description)
+    return report
+
+
+def write_qrels(qrels: Qrels, path: Path) -> None:
+    """BEIR qrels TSV with its header, as `read_qrels` and `sidecar eval --qrels` read it."""
+    lines = ["query-id\tcorpus-id\tscore"]
+    lines += [f"{q}\t{doc}\t{rel}" for q, docs in qrels.items() for doc, rel in docs.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_documents(corpus: Path, wanted: set[str]) -> dict[str, str]:
+    """The texts of the `wanted` ids in a BEIR corpus, as the rerank stage builds them."""
+    return {
+        doc.id: document_text({"title": doc.title, "text": doc.text}, DEFAULT_DOCUMENT_FIELDS)
+        for doc in read_corpus(corpus)
+        if doc.id in wanted
+    }
 
 
 def _ndcg10(metrics: Mapping[str, Any]) -> float:

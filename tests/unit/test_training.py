@@ -1,17 +1,27 @@
 """Training data preparation (split, negatives, pairs) and one tiny real fine-tuning run on CPU."""
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.config import DEFAULT_EMBEDDING_MODEL
+from sidecar.evaluation import read_qrels
+from sidecar.pipeline import DEFAULT_DOCUMENT_FIELDS, document_text
 from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
 from sidecar.training import (
+    Example,
+    TrainingReport,
+    ValidationQuery,
     build_examples,
     mine_negatives,
+    read_documents,
     split_queries,
     train_cross_encoder,
     write_model_card,
+    write_qrels,
 )
 
 
@@ -138,7 +148,17 @@ TOPICS = {
 }
 
 
-def test_tiny_training_run_writes_a_loadable_reranker_and_a_card(tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class TinyTask:
+    queries: dict[str, str]
+    documents: dict[str, str]
+    train: list[Example]
+    validation: dict[str, ValidationQuery]
+    train_ids: list[str]
+
+
+@pytest.fixture(scope="module")
+def tiny_task() -> TinyTask:
     ids = sorted(TOPICS)
     documents = {
         f"{topic}-{n}": text for topic in ids for n, text in enumerate(TOPICS[topic][1], start=1)
@@ -158,32 +178,46 @@ def test_tiny_training_run_writes_a_loadable_reranker_and_a_card(tmp_path: Path)
         )
         for q in validation_ids
     }
-    out = tmp_path / "reranker"
+    return TinyTask(queries, documents, train, validation, train_ids)
 
-    report = train_cross_encoder(
+
+def train_tiny(task: TinyTask, out: Path, **options: Any) -> TrainingReport:
+    return train_cross_encoder(
         DEFAULT_EMBEDDING_MODEL,
-        train,
-        validation,
+        task.train,
+        task.validation,
         out,
         epochs=1,
         batch_size=8,
         max_length=64,
         device="cpu",
         progress=False,
+        **options,
     )
 
-    assert report.train_pairs == len(train) == 4 * 6
-    assert report.train_queries == len(train_ids) == 4
+
+def test_tiny_training_run_writes_a_loadable_reranker_and_a_card(
+    tiny_task: TinyTask, tmp_path: Path
+) -> None:
+    out = tmp_path / "reranker"
+
+    report = train_tiny(tiny_task, out)
+
+    assert report.train_pairs == len(tiny_task.train) == 4 * 6
+    assert report.train_queries == len(tiny_task.train_ids) == 4
     assert report.validation_queries == 2
     assert 0.0 <= report.ndcg10_before <= 1.0
     assert 0.0 <= report.ndcg10_after <= 1.0
     assert report.device == "cpu"
     assert report.model_bytes > 1_000_000
-    assert any((out / "checkpoints").iterdir())
+    assert not (out / "checkpoints").exists(), "checkpoints are removed once the model is written"
 
     backend = CrossEncoderBackend(str(out), device="cpu", dtype="float32")
     scores = backend.score(
-        [ScoringPair(queries["t1"], documents["t1-1"], 32), ScoringPair("x", "y", 4)]
+        [
+            ScoringPair(tiny_task.queries["t1"], tiny_task.documents["t1-1"], 32),
+            ScoringPair("x", "y", 4),
+        ]
     )
     assert len(scores) == 2
     assert all(isinstance(score, float) for score in scores)
@@ -196,3 +230,58 @@ def test_tiny_training_run_writes_a_loadable_reranker_and_a_card(tmp_path: Path)
     assert f"{report.ndcg10_after:.4f}" in text
     assert "six hand-written topics" in text
     assert "sidecar train --epochs 1" in text
+
+
+def test_an_interrupted_run_is_refused_unless_resumed_and_then_completes(
+    tiny_task: TinyTask,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer
+
+    save_checkpoint = CrossEncoderTrainer._save_checkpoint
+
+    def save_then_interrupt(self: Any, *args: Any, **kwargs: Any) -> None:
+        save_checkpoint(self, *args, **kwargs)
+        raise KeyboardInterrupt  # as Ctrl-C right after the first checkpoint
+
+    out = tmp_path / "reranker"
+    with monkeypatch.context() as patch:
+        patch.setattr(CrossEncoderTrainer, "_save_checkpoint", save_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train_tiny(tiny_task, out, checkpoint_steps=1)
+    assert [path.name for path in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]
+
+    with pytest.raises(ValueError, match="interrupted run"):
+        train_tiny(tiny_task, out, checkpoint_steps=1)
+
+    with caplog.at_level(logging.INFO, logger="sidecar.training"):
+        report = train_tiny(tiny_task, out, checkpoint_steps=1, resume=True)
+    assert "resuming" in caplog.text
+    assert not (out / "checkpoints").exists()
+    assert 0.0 <= report.ndcg10_after <= 1.0
+    assert CrossEncoderBackend(str(out), device="cpu", dtype="float32").score(
+        [ScoringPair("x", "y", 4)]
+    )
+
+
+def test_qrels_written_are_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "heldout.tsv"
+    write_qrels(QRELS, path)
+    assert read_qrels(path) == QRELS
+
+
+def test_documents_are_read_as_the_rerank_stage_reads_them(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        '{"_id": "a", "title": "Title", "text": "body"}\n'
+        '{"_id": "b", "title": "", "text": "only body"}\n'
+        '{"_id": "c", "title": "unwanted", "text": "x"}\n'
+    )
+    documents = read_documents(corpus, {"a", "b", "missing"})
+    assert documents == {
+        "a": document_text({"title": "Title", "text": "body"}, DEFAULT_DOCUMENT_FIELDS),
+        "b": "only body",
+    }
+    assert documents["a"] == "Title body"

@@ -229,7 +229,11 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--negatives", type=int, default=4, help="hard negatives per query")
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--learning-rate", type=float, default=2e-5)
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        help="default: 2e-5 to fine-tune a cross-encoder, 1e-4 for an encoder's fresh head",
+    )
     train.add_argument("--max-length", type=int, default=256, help="tokens per pair")
     train.add_argument("--seed", type=int, default=13)
     train.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: SIDECAR_DEVICE)")

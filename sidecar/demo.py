@@ -43,7 +43,7 @@ def run_demo(
     reranker = settings.reranker_model
     if not hub_model_available(reranker):
         fallback = build_untrained_cross_encoder(
-            settings.cache_dir / "models" / "untrained-minilm-cross-encoder"
+            settings.cache_dir / "models" / "untrained-minilm-mean-cross-encoder"
         )
         print(
             f"\nnote: the cross-encoder {reranker!r} is not available offline (no local copy, Hub "

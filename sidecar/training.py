@@ -33,6 +33,8 @@ _EVALUATOR_NAME = "validation"
 # The trainer prefixes "eval_" and the evaluator its own name to the evaluator's primary metric.
 _BEST_METRIC = f"eval_{_EVALUATOR_NAME}_ndcg@10"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_FINE_TUNE_LEARNING_RATE = 2e-5
+_NEW_HEAD_LEARNING_RATE = 1e-4
 # The judgments of the held-out queries, written beside the model for `sidecar eval --qrels`.
 HELDOUT_QRELS = "heldout-qrels.tsv"
 NEGATIVES_FILE = "negatives.json"
@@ -49,6 +51,7 @@ class TrainingReport:
     train_queries: int
     validation_queries: int
     epochs: int
+    learning_rate: float
     ndcg10_before: float
     ndcg10_after: float
     seconds: float
@@ -167,7 +170,7 @@ def train_cross_encoder(
     *,
     epochs: int = 1,
     batch_size: int = 16,
-    learning_rate: float = 2e-5,
+    learning_rate: float | None = None,
     max_length: int = 256,
     seed: int = 13,
     device: str = "auto",
@@ -178,7 +181,8 @@ def train_cross_encoder(
     """Fine-tune `base` (a Hub id or local path) on `train` with binary cross-entropy and write the
     best model, by validation nDCG@10, to `out_dir`.
 
-    A sentence-transformers bi-encoder as `base` gets a fresh single-logit head (seeded). The
+    A plain encoder as `base` (a bi-encoder, a base LM) gets a fresh mean-pooling head (seeded;
+    `cross_encoder_from_encoder`), and by default a larger learning rate than a cross-encoder. The
     model is evaluated and checkpointed in `out_dir/checkpoints` after each epoch, or every
     `checkpoint_steps` optimizer steps, so an interrupted run loses at most that much work and
     `resume` continues it from the last checkpoint (model, optimizer, scheduler and RNG states);
@@ -210,14 +214,21 @@ def train_cross_encoder(
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
     from sidecar.embedding import resolve_model_source
+    from sidecar.rerank.backend import cross_encoder_from_encoder, has_relevance_head
 
     started = time.perf_counter()
     chosen_device = select_device(device)
     on_cuda = chosen_device.startswith("cuda")
     transformers.set_seed(seed)
-    model = CrossEncoder(
-        resolve_model_source(base), num_labels=1, max_length=max_length, device=chosen_device
-    )
+    source = resolve_model_source(base)
+    if has_relevance_head(source):
+        model = CrossEncoder(source, num_labels=1, max_length=max_length, device=chosen_device)
+        default_rate = _FINE_TUNE_LEARNING_RATE
+    else:
+        model = cross_encoder_from_encoder(source, max_length=max_length, device=chosen_device)
+        default_rate = _NEW_HEAD_LEARNING_RATE
+    # Fine-tuning a trained head takes small steps; a fresh head needs larger ones to move.
+    learning_rate = learning_rate or default_rate
     evaluator = CrossEncoderRerankingEvaluator(
         samples=[
             {"query": query, "positive": relevant, "documents": candidates}
@@ -247,7 +258,7 @@ def train_cross_encoder(
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
         learning_rate=learning_rate,
-        warmup_ratio=0.1,
+        warmup_steps=0.1,  # a float is a share of all steps
         seed=seed,
         data_seed=seed,
         bf16=bf16,
@@ -301,9 +312,10 @@ def train_cross_encoder(
         seconds=time.perf_counter() - started,
         device=chosen_device,
         precision="bf16 mixed" if bf16 else "fp16 mixed" if fp16 else "fp32",
+        learning_rate=learning_rate,
         model_bytes=sum(
             path.stat().st_size
-            for path in out_dir.iterdir()
+            for path in out_dir.rglob("*")
             if path.is_file() and path.name.endswith(_WEIGHT_SUFFIXES)
         ),
     )
@@ -329,6 +341,7 @@ def write_model_card(report: TrainingReport, command: str, data_description: str
                 f"| training pairs | {report.train_pairs} |",
                 f"| validation queries | {report.validation_queries} |",
                 f"| epochs | {report.epochs} |",
+                f"| learning rate | {report.learning_rate:g} |",
                 f"| validation nDCG@10 before (base) | {report.ndcg10_before:.4f} |",
                 f"| validation nDCG@10 after | {report.ndcg10_after:.4f} |",
                 f"| training time | {report.seconds:.1f} s on {report.device}, {report.precision} |",
@@ -362,7 +375,7 @@ class TrainOptions:
     negatives: int = 4
     epochs: int = 1
     batch_size: int = 16
-    learning_rate: float = 2e-5
+    learning_rate: float | None = None  # by the base: see train_cross_encoder
     max_length: int = 256
     seed: int = 13
     device: str = "auto"

@@ -198,12 +198,41 @@ def build_untrained_cross_encoder(target: Path, seed: int = 0) -> Path:
     if (target / "config.json").exists():
         return target
     import torch
-    from sentence_transformers import CrossEncoder
 
     from sidecar.config import DEFAULT_EMBEDDING_MODEL
     from sidecar.embedding import resolve_model_source
 
     torch.manual_seed(seed)
-    model = CrossEncoder(resolve_model_source(DEFAULT_EMBEDDING_MODEL), num_labels=1, device="cpu")
+    model = cross_encoder_from_encoder(resolve_model_source(DEFAULT_EMBEDDING_MODEL), device="cpu")
     model.save_pretrained(str(target))
     return target
+
+
+def has_relevance_head(source: str) -> bool:
+    """Whether the model at `source` (local folder or Hub id) already is a sequence classifier,
+    i.e. a cross-encoder, rather than a plain encoder that needs a head."""
+    from transformers import AutoConfig
+
+    architectures = AutoConfig.from_pretrained(source).architectures or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+def cross_encoder_from_encoder(
+    source: str, *, max_length: int | None = None, device: str = "cpu"
+) -> Any:
+    """A single-logit CrossEncoder on a plain encoder: the pair's token states mean-pooled, then
+    a fresh linear layer.
+
+    Mean pooling rather than the [CLS] pooler of `*ForSequenceClassification`: a bi-encoder such
+    as all-MiniLM-L6-v2 was trained through mean pooling, and a head on its [CLS] state learns
+    several times slower. sentence-transformers saves and loads this module stack as any other
+    CrossEncoder.
+    """
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Dense, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    encoder = Transformer(source, max_seq_length=max_length)
+    width = int(encoder.auto_model.config.hidden_size)
+    head = Dense(width, 1, activation_function=None, module_output_name="scores")
+    return CrossEncoder(modules=[encoder, Pooling(width, "mean"), head], device=device)

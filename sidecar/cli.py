@@ -470,8 +470,9 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
         device=args.device or settings.device,
         checkpoint_steps=args.checkpoint_steps,
         resume=args.resume,
+        normalization=settings.normalization,
     )
-    report = train_reranker(
+    trained = train_reranker(
         args.sidecar_url or _local_sidecar(settings),
         args.index,
         args.dataset,
@@ -481,13 +482,17 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
         options,
         args.command_line,
     )
-    print((report.out_dir / "README.md").read_text())
-    print(f"serve it:    SIDECAR_RERANKER_MODEL={report.out_dir.resolve()} sidecar serve")
-    heldout = report.out_dir / HELDOUT_QRELS
+    out_dir = trained.report.out_dir.resolve()
+    print((out_dir / "README.md").read_text())
+    print(
+        f"serve it:    SIDECAR_RERANKER_MODEL={out_dir} SIDECAR_ALPHA={trained.blend.alpha:g} "
+        "sidecar serve"
+    )
+    heldout = out_dir / HELDOUT_QRELS
     if heldout.exists():
         print(
             "evaluate it: sidecar eval --modes hybrid,hybrid+rerank "
-            f"--dataset {args.dataset} --index {args.index} --qrels {heldout.resolve()} "
+            f"--dataset {args.dataset} --index {args.index} --qrels {heldout} "
             f"--candidates {args.candidates}"
         )
     return 0

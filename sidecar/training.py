@@ -18,9 +18,10 @@ from typing import Any
 from tqdm import tqdm
 
 from sidecar.device import select_device, select_dtype
-from sidecar.evaluation import Qrels, read_qrels, read_queries, search
+from sidecar.evaluation import Qrels, evaluate_run, read_qrels, read_queries, search
 from sidecar.indexing.corpus import read_corpus
 from sidecar.pipeline import DEFAULT_DOCUMENT_FIELDS, document_text
+from sidecar.scoring import Normalization, blend, minmax_first_stage, normalize_scores
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ _BEST_METRIC = f"eval_{_EVALUATOR_NAME}_ndcg@10"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _FINE_TUNE_LEARNING_RATE = 2e-5
 _NEW_HEAD_LEARNING_RATE = 1e-4
+_ALPHAS = tuple(step / 10 for step in range(11))
 # The judgments of the held-out queries, written beside the model for `sidecar eval --qrels`.
 HELDOUT_QRELS = "heldout-qrels.tsv"
 NEGATIVES_FILE = "negatives.json"
@@ -112,13 +114,14 @@ def first_stage_candidates(
     queries: Mapping[str, str],
     candidates: int,
     progress: bool = True,
-) -> dict[str, list[str]]:
-    """The fused first-stage ids per query, best first, from a running sidecar's native API with
-    rerank off: the negatives are then the documents the reranker will actually have to demote.
+) -> dict[str, dict[str, float]]:
+    """The fused first-stage candidates per query, id to fused score, best first, from a running
+    sidecar's native API with rerank off: the negatives are then the documents the reranker will
+    actually have to demote, and the scores are what a blend mixes with the reranker's.
 
     Raises EvalError when the sidecar cannot be reached or refuses a request.
     """
-    ranked: dict[str, list[str]] = {}
+    ranked: dict[str, dict[str, float]] = {}
     for query_id, text in tqdm(
         queries.items(), desc="mining candidates", unit="query", disable=not progress
     ):
@@ -129,7 +132,8 @@ def first_stage_candidates(
             "candidates": candidates,
             "rerank": False,
         }
-        ranked[query_id] = [hit["id"] for hit in search(sidecar_url, body)["hits"]]
+        hits = search(sidecar_url, body)["hits"]
+        ranked[query_id] = {hit["id"]: hit["first_stage"]["score"] for hit in hits}
     return ranked
 
 
@@ -190,8 +194,9 @@ def train_cross_encoder(
     query's candidates with its relevant documents always included, so it measures the reranker
     alone, not first-stage recall.
 
-    Raises ValueError when `train` or `validation` is empty, or when `out_dir` holds an
-    interrupted run's checkpoints and `resume` is not set (starting over would discard them).
+    Raises ValueError when `train` or `validation` is empty, when `base` cannot be loaded, or
+    when `out_dir` holds an interrupted run's checkpoints and `resume` is not set (starting over
+    would discard them).
     """
     if not train:
         raise ValueError("no training pairs")
@@ -221,7 +226,11 @@ def train_cross_encoder(
     on_cuda = chosen_device.startswith("cuda")
     transformers.set_seed(seed)
     source = resolve_model_source(base)
-    if has_relevance_head(source):
+    try:
+        trained_head = has_relevance_head(source)
+    except OSError as error:  # neither a folder nor a reachable Hub id
+        raise ValueError(f"cannot load the base model {base!r}: {error}") from None
+    if trained_head:
         model = CrossEncoder(source, num_labels=1, max_length=max_length, device=chosen_device)
         default_rate = _FINE_TUNE_LEARNING_RATE
     else:
@@ -321,10 +330,23 @@ def train_cross_encoder(
     )
 
 
-def write_model_card(report: TrainingReport, command: str, data_description: str) -> Path:
+def write_model_card(
+    report: TrainingReport,
+    command: str,
+    data_description: str,
+    blend_choice: BlendChoice | None = None,
+) -> Path:
     """README.md beside the weights: what the model was made from and how well it ranks, so a
     directory found later still says where it came from. Returns the file written."""
     card = report.out_dir / "README.md"
+    blend_rows = []
+    if blend_choice is not None:
+        blend_rows = [
+            f"| recommended `SIDECAR_ALPHA` | {blend_choice.alpha:g} |",
+            "| validation nDCG@10 over the first-stage candidates: first stage / reranker alone / "
+            f"blend | {blend_choice.first_stage:.4f} / {blend_choice.reranker:.4f} / "
+            f"{blend_choice.ndcg10:.4f} |",
+        ]
     card.write_text(
         "\n".join(
             [
@@ -346,9 +368,12 @@ def write_model_card(report: TrainingReport, command: str, data_description: str
                 f"| validation nDCG@10 after | {report.ndcg10_after:.4f} |",
                 f"| training time | {report.seconds:.1f} s on {report.device}, {report.precision} |",
                 f"| weights | {report.model_bytes} bytes |",
+                *blend_rows,
                 "",
-                "Validation nDCG@10 reranks each validation query's first-stage candidates with "
-                "its relevant documents always included.",
+                "Validation nDCG@10 before and after reranks each validation query's first-stage "
+                "candidates with its relevant documents always included (the reranker alone). "
+                "The blend rows rank only the candidates, as serving does: final score = alpha x "
+                "normalized rerank score + (1 - alpha) x min-max first-stage score.",
                 "",
                 "Made with:",
                 "",
@@ -382,6 +407,8 @@ class TrainOptions:
     checkpoint_steps: int | None = None
     resume: bool = False
     progress: bool = True
+    # How the sidecar that will serve the model normalizes rerank scores, for the blend choice.
+    normalization: Normalization = "sigmoid"
 
 
 def train_reranker(
@@ -393,11 +420,11 @@ def train_reranker(
     out_dir: Path,
     options: TrainOptions,
     command: str,
-) -> TrainingReport:
+) -> TrainedReranker:
     """The whole `sidecar train-reranker` flow on a BEIR folder whose corpus is loaded in `index`:
-    split the judged queries, mine negatives through the sidecar at `sidecar_url`, fine-tune, and
-    write the model, its card, the split (splits.json), the mined negatives (negatives.json) and
-    the held-out judgments.
+    split the judged queries, mine negatives through the sidecar at `sidecar_url`, fine-tune,
+    choose the blend weight on the validation queries, and write the model, its card, the split
+    (splits.json), the mined negatives (negatives.json) and the held-out judgments.
 
     Documents are read as the rerank stage reads them (title and text joined), so the model is
     trained on the input it is served. Raises ValueError when fewer than two queries are judged
@@ -436,7 +463,9 @@ def train_reranker(
     wanted = {doc for ranked in candidates.values() for doc in ranked}
     wanted |= {doc for q in candidates for doc, rel in qrels[q].items() if rel > 0}
     documents = read_documents(dataset / "corpus.jsonl", wanted)
-    negatives = mine_negatives({q: candidates[q] for q in train_ids}, qrels, options.negatives)
+    negatives = mine_negatives(
+        {q: list(candidates[q]) for q in train_ids}, qrels, options.negatives
+    )
     # What each query was trained against, to audit the negatives later.
     (out_dir / NEGATIVES_FILE).write_text(json.dumps(negatives, indent=1) + "\n")
     train = build_examples({q: queries[q] for q in train_ids}, documents, qrels, negatives)
@@ -465,13 +494,106 @@ def train_reranker(
         resume=options.resume,
         progress=options.progress,
     )
+    blend_choice = choose_alpha(
+        score_candidates(
+            out_dir,
+            {q: queries[q] for q in validation},
+            {q: candidates[q] for q in validation},
+            documents,
+            options.device,
+            options.progress,
+        ),
+        qrels,
+        options.normalization,
+    )
+    log.info(
+        "blend: alpha %g, validation nDCG@10 %.4f (first stage %.4f, reranker alone %.4f)",
+        blend_choice.alpha,
+        blend_choice.ndcg10,
+        blend_choice.first_stage,
+        blend_choice.reranker,
+    )
     description = (
         f"`{qrels_path}` of `{dataset}`; negatives: the top {options.negatives} of "
         f"{options.candidates} hybrid first-stage candidates (index `{index}`) not judged "
         f"relevant; {len(heldout)} queries held out (`{HELDOUT_QRELS}`)"
     )
-    write_model_card(report, command, description)
-    return report
+    write_model_card(report, command, description, blend_choice)
+    return TrainedReranker(report, blend_choice)
+
+
+@dataclass(frozen=True)
+class BlendChoice:
+    """The `SIDECAR_ALPHA` that ranks the validation queries' candidates best, with the
+    validation nDCG@10 it gives and the two ends it was chosen between."""
+
+    alpha: float
+    ndcg10: float
+    first_stage: float  # alpha 0
+    reranker: float  # alpha 1
+
+
+@dataclass(frozen=True)
+class TrainedReranker:
+    report: TrainingReport
+    blend: BlendChoice
+
+
+# Scored candidates of one query: ids in first-stage order, fused scores, reranker logits.
+ScoredCandidates = tuple[list[str], list[float], list[float]]
+
+
+def score_candidates(
+    model_dir: Path,
+    queries: Mapping[str, str],
+    candidates: Mapping[str, Mapping[str, float]],
+    documents: Mapping[str, str],
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, ScoredCandidates]:
+    """Each query's candidates scored by the model in `model_dir` through the serving backend
+    (same device, dtype and truncation as `sidecar serve`)."""
+    from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
+
+    backend = CrossEncoderBackend(str(model_dir), device=device)
+    scored: dict[str, ScoredCandidates] = {}
+    for query_id, query in tqdm(
+        queries.items(), desc="scoring validation", unit="query", disable=not progress
+    ):
+        ids = [doc for doc in candidates[query_id] if doc in documents]
+        if not ids:
+            continue
+        logits = backend.score([ScoringPair(query, documents[doc], 0) for doc in ids])
+        scored[query_id] = (ids, [candidates[query_id][doc] for doc in ids], logits)
+    return scored
+
+
+def choose_alpha(
+    scored: Mapping[str, ScoredCandidates], qrels: Qrels, normalization: Normalization
+) -> BlendChoice:
+    """The blend weight in 0, 0.1, ..., 1 with the best nDCG@10 over the validation queries'
+    candidates, scored as the sidecar's blend scores them; on a tie the larger weight (more
+    reranker). A reranker that knows less than the first stage gets a small weight, or 0."""
+    judged = {q: qrels[q] for q in scored}
+    by_alpha: dict[float, float] = {}
+    for alpha in _ALPHAS:
+        run = {
+            q: dict(
+                zip(
+                    ids,
+                    blend(
+                        normalize_scores(logits, normalization),
+                        minmax_first_stage(fused),
+                        alpha,
+                    ),
+                    strict=True,
+                )
+            )
+            for q, (ids, fused, logits) in scored.items()
+        }
+        by_alpha[alpha] = evaluate_run(judged, run)["ndcg@10"]
+    best = max(reversed(_ALPHAS), key=lambda alpha: by_alpha[alpha])
+    return BlendChoice(best, by_alpha[best], by_alpha[0.0], by_alpha[1.0])
 
 
 def write_qrels(qrels: Qrels, path: Path) -> None:

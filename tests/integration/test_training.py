@@ -147,6 +147,9 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
             assert value, when
             assert 0.0 <= float(value.group(1)) <= 1.0, when
         assert "sidecar train-reranker --dataset" in card
+        alpha = re.search(r"\| recommended `SIDECAR_ALPHA` \| ([0-9.]+) \|", card)
+        assert alpha, "the blend weight chosen on the validation queries"
+        assert 0.0 <= float(alpha.group(1)) <= 1.0
         assert not (out / "checkpoints").exists()
 
         with running_sidecar(opensearch.url, out, encoder) as trained:

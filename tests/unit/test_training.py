@@ -1,5 +1,6 @@
 """Training data preparation (split, negatives, pairs) and one tiny real fine-tuning run on CPU."""
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,14 +9,21 @@ from typing import Any
 import pytest
 
 from sidecar.config import DEFAULT_EMBEDDING_MODEL
+from sidecar.embedding import resolve_model_source
 from sidecar.evaluation import read_qrels
 from sidecar.pipeline import DEFAULT_DOCUMENT_FIELDS, document_text
-from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
+from sidecar.rerank.backend import (
+    CrossEncoderBackend,
+    ScoringPair,
+    build_untrained_cross_encoder,
+    has_relevance_head,
+)
 from sidecar.training import (
     Example,
     TrainingReport,
     ValidationQuery,
     build_examples,
+    choose_alpha,
     mine_negatives,
     read_documents,
     split_queries,
@@ -211,6 +219,9 @@ def test_tiny_training_run_writes_a_loadable_reranker_and_a_card(
     assert report.device == "cpu"
     assert report.model_bytes > 1_000_000
     assert not (out / "checkpoints").exists(), "checkpoints are removed once the model is written"
+    assert report.learning_rate == 1e-4, "a fresh head's default"
+    modules = json.loads((out / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling", "Dense"]
 
     backend = CrossEncoderBackend(str(out), device="cpu", dtype="float32")
     scores = backend.score(
@@ -264,6 +275,45 @@ def test_an_interrupted_run_is_refused_unless_resumed_and_then_completes(
     assert CrossEncoderBackend(str(out), device="cpu", dtype="float32").score(
         [ScoringPair("x", "y", 4)]
     )
+
+
+def test_the_base_decides_whether_a_head_is_added(tmp_path: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    encoder = resolve_model_source(DEFAULT_EMBEDDING_MODEL)
+    assert not has_relevance_head(encoder)
+    CrossEncoder(encoder, num_labels=1, device="cpu").save_pretrained(str(tmp_path / "cls"))
+    assert has_relevance_head(str(tmp_path / "cls"))
+    assert has_relevance_head(str(build_untrained_cross_encoder(tmp_path / "stand-in"))) is False
+    assert CrossEncoderBackend(str(tmp_path / "stand-in"), device="cpu").score(
+        [ScoringPair("query", "document", 6)]
+    )
+
+
+def test_a_base_that_cannot_be_loaded_is_a_clear_error(tiny_task: TinyTask, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot load the base model"):
+        train_cross_encoder(
+            str(tmp_path / "no-such-model"), tiny_task.train, tiny_task.validation, tmp_path / "out"
+        )
+
+
+def test_the_blend_weight_follows_the_reranker_when_it_is_right() -> None:
+    # The first stage ranks the relevant "c" third; the reranker ranks it first.
+    scored = {"q1": (["a", "b", "c"], [3.0, 2.0, 1.0], [0.0, 0.0, 5.0])}
+    choice = choose_alpha(scored, {"q1": {"c": 1}}, "sigmoid")
+    assert choice.alpha == 1.0, "ties go to the larger weight"
+    assert choice.reranker == choice.ndcg10 == 1.0
+    assert choice.first_stage == pytest.approx(0.5)
+
+
+def test_the_blend_weight_stays_with_the_first_stage_when_the_reranker_is_wrong() -> None:
+    # Relevant "a" is first in the first stage, last for the reranker: a = 1 - 0.9933 alpha
+    # beats b = 0.5 only while alpha < 0.503, so 0.5 is the largest weight that keeps it first.
+    scored = {"q2": (["a", "b", "c"], [3.0, 2.0, 1.0], [-5.0, 0.0, 0.0])}
+    choice = choose_alpha(scored, {"q2": {"a": 1}}, "sigmoid")
+    assert choice.alpha == 0.5
+    assert choice.ndcg10 == choice.first_stage == 1.0
+    assert choice.reranker < 1.0
 
 
 def test_qrels_written_are_read_back(tmp_path: Path) -> None:

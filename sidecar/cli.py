@@ -190,14 +190,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default="",
         help="e.g. convex,rrf,server,convex:0.3:0.7 (weights lexical:vector)",
     )
-    evaluate.add_argument(
-        "--url", dest="sidecar_url", help="sidecar URL (default: http://LISTEN_HOST:LISTEN_PORT)"
-    )
-    evaluate.add_argument(
-        "--opensearch",
-        dest="opensearch_url",
-        help="where to load the index if absent (default: SIDECAR_OPENSEARCH_URL)",
-    )
+    _add_sidecar_and_loading_urls(evaluate)
     evaluate.add_argument("--out", type=Path, help="report folder (default: out/eval-INDEX)")
     evaluate.set_defaults(handler=_eval)
 
@@ -245,14 +238,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", action="store_true", help="continue the interrupted run in OUT/checkpoints"
     )
-    train.add_argument(
-        "--url", dest="sidecar_url", help="sidecar URL (default: http://LISTEN_HOST:LISTEN_PORT)"
-    )
-    train.add_argument(
-        "--opensearch",
-        dest="opensearch_url",
-        help="where to load the index if absent (default: SIDECAR_OPENSEARCH_URL)",
-    )
+    _add_sidecar_and_loading_urls(train)
     train.set_defaults(handler=_train_reranker)
 
     demo = commands.add_parser(
@@ -264,6 +250,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _add_sidecar_and_loading_urls(command: argparse.ArgumentParser) -> None:
+    """`--url` (the sidecar to query) and `--opensearch` (where to load a missing index)."""
+    command.add_argument(
+        "--url", dest="sidecar_url", help="sidecar URL (default: http://LISTEN_HOST:LISTEN_PORT)"
+    )
+    command.add_argument(
+        "--opensearch",
+        dest="opensearch_url",
+        help="where to load the index if absent (default: SIDECAR_OPENSEARCH_URL)",
+    )
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -16,6 +16,7 @@ from sidecar.config import DEFAULT_EMBEDDING_MODEL, LocalNodeSettings, Settings
 from sidecar.embedding import BiEncoder
 from sidecar.local_opensearch.artifacts import RELEASES
 from sidecar.local_opensearch.node import LocalNode
+from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 
 # Apart from the default 9200, so a developer's own `sidecar opensearch up` node is left alone.
 TEST_NODE_PORT = 9250
@@ -113,3 +114,12 @@ def pydoc_index(
     load_corpus(opensearch.client, encoder, name, corpus, show_progress=False)
     yield name
     opensearch.client.indices.delete(index=name, ignore_unavailable=True)
+
+
+@pytest.fixture
+def tiny_sidecar(
+    opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path
+) -> Iterator[RunningSidecar]:
+    """A sidecar with the small offline cross-encoder, for commands that talk to one."""
+    with running_sidecar(opensearch.url, tiny_cross_encoder, encoder) as server:
+        yield server

@@ -4,17 +4,15 @@ through the real sidecar, with the BM25 figure cross-checked against OpenSearch 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sidecar.cli import main
-from sidecar.embedding import BiEncoder
 from sidecar.evaluation import evaluate_run
 from sidecar.retrieval.queries import build_lexical_search
 from tests.integration.conftest import Cluster
-from tests.integration.sidecar_server import RunningSidecar, running_sidecar
+from tests.integration.sidecar_server import RunningSidecar
 from tests.integration.test_indexing import DOCUMENTS, write_corpus
 
 pytestmark = pytest.mark.integration
@@ -47,16 +45,8 @@ def dataset(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.fixture
-def eval_sidecar(
-    opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path
-) -> Iterator[RunningSidecar]:
-    with running_sidecar(opensearch.url, tiny_cross_encoder, encoder) as server:
-        yield server
-
-
 def test_eval_loads_evaluates_and_writes_reports(
-    eval_sidecar: RunningSidecar, opensearch: Cluster, dataset: Path, tmp_path: Path
+    tiny_sidecar: RunningSidecar, opensearch: Cluster, dataset: Path, tmp_path: Path
 ) -> None:
     index, out = "test-eval-tiny", tmp_path / "report"
     try:
@@ -67,7 +57,7 @@ def test_eval_loads_evaluates_and_writes_reports(
             "--index",
             index,
             "--url",
-            eval_sidecar.url,
+            tiny_sidecar.url,
             "--opensearch",
             opensearch.url,
             "--candidates",

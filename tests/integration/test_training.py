@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,16 +62,8 @@ def generate_collection(folder: Path, seed: int = 3) -> dict[str, dict[str, int]
     return qrels
 
 
-@pytest.fixture
-def mining_sidecar(
-    opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path
-) -> Iterator[RunningSidecar]:
-    with running_sidecar(opensearch.url, tiny_cross_encoder, encoder) as server:
-        yield server
-
-
 def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
-    opensearch: Cluster, encoder: BiEncoder, mining_sidecar: RunningSidecar, tmp_path: Path
+    opensearch: Cluster, encoder: BiEncoder, tiny_sidecar: RunningSidecar, tmp_path: Path
 ) -> None:
     dataset, out, index = tmp_path / "generated", tmp_path / "reranker", "test-train-generated"
     qrels = generate_collection(dataset)
@@ -90,7 +81,7 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
             "--out",
             str(out),
             "--url",
-            mining_sidecar.url,
+            tiny_sidecar.url,
             "--opensearch",
             opensearch.url,
             "--holdout-share",
@@ -125,7 +116,7 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
             assert chosen, f"{query_id} got no hard negatives"
             assert all(qrels[query_id].get(doc, 0) <= 0 for doc in chosen), "never judged relevant"
             first_stage = search(
-                mining_sidecar.url,
+                tiny_sidecar.url,
                 {
                     "index": index,
                     "query": queries[query_id],

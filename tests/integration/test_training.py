@@ -169,6 +169,8 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
                         str(CANDIDATES),
                         "--url",
                         trained.url,
+                        "--opensearch",
+                        opensearch.url,
                         "--out",
                         str(report_dir),
                     ]

@@ -47,6 +47,7 @@ _USER_ERRORS: tuple[type[Exception], ...] = (
     ProvenanceError,
     EvalError,
     ValueError,
+    FileNotFoundError,
 )
 
 

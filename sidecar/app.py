@@ -16,15 +16,18 @@ from sidecar import __version__
 from sidecar.api import proxy
 from sidecar.api.routes import SERVICES, add_routes, edge
 from sidecar.config import Settings, SettingsError
-from sidecar.embedding import BiEncoder
+from sidecar.embedding import BiEncoder, EncoderPool
 from sidecar.metrics import Metrics
 from sidecar.pipeline import SearchPipeline
 from sidecar.rerank.backend import CrossEncoderBackend, RerankBackend, hub_model_available
 from sidecar.rerank.batcher import BatchLimits, MicroBatcher
 from sidecar.rerank.cache import ScoreCache
 from sidecar.rerank.reranker import Reranker
+from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.opensearch import Upstream
+from sidecar.retrieval.profiles import ProfileError
 from sidecar.services import Services
+from sidecar.write_path import WritePath
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,9 @@ def create_app(
     registry: CollectorRegistry | None = None,
 ) -> web.Application:
     """The sidecar application. `backend` and `encoder` replace the configured models (tests,
-    benchmarks); otherwise both are loaded, and the cross-encoder warmed up, before serving."""
+    benchmarks); otherwise both are loaded, and the cross-encoder warmed up, before serving.
+    Bi-encoders that index profiles name are loaded too, and every profile configured for an
+    existing index is checked against its mapping (SettingsError when they disagree)."""
     app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
     metrics_registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(metrics_registry)
@@ -53,6 +58,20 @@ def create_app(
             encoder
             if encoder is not None
             else await loop.run_in_executor(embed_executor, BiEncoder.from_settings, settings)
+        )
+        profile_models = sorted(
+            {
+                p.vector.model
+                for p in settings.profiles.values()
+                if p.vector.model and p.vector.model != query_encoder.model_name
+            }
+        )
+        encoders = EncoderPool(
+            query_encoder,
+            [
+                await loop.run_in_executor(embed_executor, _load_encoder, settings, name)
+                for name in profile_models
+            ],
         )
         reranker_backend: RerankBackend = (
             backend
@@ -72,6 +91,21 @@ def create_app(
         await batcher.start()
         upstream = Upstream(settings.opensearch_url, settings.upstream_timeout_s, metrics)
         session = proxy.create_session(settings.upstream_timeout_s)
+        profiles = ProfileResolver(
+            settings.profiles,
+            upstream,
+            local_model=query_encoder.model_name,
+            local_dimensions=encoders.dimensions,
+            allow_lexical_only=settings.allow_lexical_only,
+            mapping_ttl_s=settings.mapping_cache_ttl_s,
+        )
+        try:
+            await profiles.check_configured()
+        except ProfileError as error:
+            await batcher.stop()
+            await session.close()
+            await upstream.close()
+            raise SettingsError(f"index profile: {error}") from None
         cache = ScoreCache(settings.rerank_cache_entries, settings.rerank_cache_ttl_s)
         reranker = Reranker(
             reranker_backend,
@@ -84,8 +118,9 @@ def create_app(
         app[SERVICES] = Services(
             settings=settings,
             pipeline=SearchPipeline(
-                settings, query_encoder, upstream, reranker, embed_executor, metrics
+                settings, encoders, profiles, upstream, reranker, embed_executor, metrics
             ),
+            writes=WritePath(profiles, encoders, embed_executor, metrics),
             upstream=upstream,
             session=session,
             upstream_url=URL(settings.opensearch_url).with_user(None),
@@ -131,6 +166,15 @@ def gpu_memory_reader(device: str) -> Callable[[], float] | None:
     import torch
 
     return lambda: float(torch.cuda.memory_allocated(device))
+
+
+def _load_encoder(settings: Settings, model: str) -> BiEncoder:
+    return BiEncoder(
+        model,
+        device=settings.device,
+        dtype=settings.embedding_dtype,
+        batch_size=settings.embedding_batch_size,
+    )
 
 
 def load_cross_encoder(settings: Settings) -> CrossEncoderBackend:

@@ -14,9 +14,10 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+from opensearchpy import OpenSearch
 
 from sidecar.embedding import BiEncoder
-from sidecar.indexing.templates import HYBRID_PIPELINE
+from sidecar.retrieval.profiles import discover_profile
 from sidecar.retrieval.queries import build_hybrid_search
 
 
@@ -127,13 +128,20 @@ def sidecar_sender(
 
 
 def direct_sender(
-    opensearch_url: str, index: str, candidates: int, vectors: dict[str, list[float]]
+    opensearch_url: str,
+    index: str,
+    candidates: int,
+    encoder: BiEncoder,
+    vectors: dict[str, list[float]],
 ) -> Callable[[aiohttp.ClientSession, str, LevelResult], Awaitable[None]]:
-    """The sidecar's `server`-fusion hybrid request, embedded in advance, sent straight to OpenSearch."""
+    """The sidecar's `server`-fusion hybrid request, embedded in advance, sent straight to
+    OpenSearch, with the profile the sidecar discovers for `index`."""
+    mapping = OpenSearch(hosts=[opensearch_url], timeout=60).indices.get_mapping(index=index)
+    profile = discover_profile(index, mapping, encoder.model_name, encoder.dimension)
 
     async def send(session: aiohttp.ClientSession, query: str, result: LevelResult) -> None:
-        body = build_hybrid_search(query, vectors[query], candidates)
-        target = f"{opensearch_url}/{index}/_search?search_pipeline={HYBRID_PIPELINE}"
+        body = build_hybrid_search(profile, query, vectors[query], candidates)
+        target = f"{opensearch_url}/{index}/_search"
         async with session.post(target, json=body) as response:
             await response.read()
             if response.status != 200:
@@ -170,7 +178,7 @@ def benchmark(
         print(json.dumps(summaries[-1]), flush=True)
     if opensearch_url and encoder is not None:
         vectors = dict(zip(queries, encoder.embed(list(queries)), strict=True))
-        direct = direct_sender(opensearch_url, index, candidates, vectors)
+        direct = direct_sender(opensearch_url, index, candidates, encoder, vectors)
         for level in concurrency_levels:
             result = asyncio.run(
                 run_level("opensearch", level, duration_s, itertools.cycle(queries), direct)

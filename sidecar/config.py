@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from sidecar.device import DTYPES
 from sidecar.scoring import Normalization
 
@@ -28,6 +30,10 @@ CONFIG_FILE_VARIABLE = "SIDECAR_CONFIG_FILE"
 
 FailMode = Literal["open", "closed"]
 Truncation = Literal["first", "max_chunk"]
+Embedding = Literal["local", "neural", "none"]
+MatchType = Literal["best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix"]
+# The published BM25 protocol (BEIR): best_fields over the text fields, no boosts.
+DEFAULT_TIE_BREAKER = 0.5
 
 
 class SettingsError(ValueError):
@@ -38,6 +44,80 @@ def default_cache_dir(environ: Mapping[str, str]) -> Path:
     """Where downloads are kept: $XDG_CACHE_HOME/opensearch-sidecar, else ~/.cache/opensearch-sidecar."""
     base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "opensearch-sidecar"
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LexicalConfig(_Table):
+    # "name" or "name^boost"; None: the mapping's analyzed text fields.
+    fields: tuple[str, ...] | None = Field(default=None, min_length=1)
+    type: MatchType = "best_fields"
+    tie_breaker: float | None = Field(default=DEFAULT_TIE_BREAKER, ge=0.0, le=1.0)
+
+
+class VectorConfig(_Table):
+    # The knn_vector (or semantic) field; None: discovered from the mapping.
+    field: str | None = None
+    # local: the sidecar embeds the query; neural: the cluster does (ml-commons `model_id`);
+    # none: lexical-only first stage. None: local for a knn_vector, neural for a semantic field.
+    embedding: Embedding | None = None
+    # local: a bi-encoder by Hub id or path (default SIDECAR_EMBEDDING_MODEL).
+    model: str | None = None
+    # neural: the cluster's model id (optional for semantic fields and default-model pipelines).
+    model_id: str | None = None
+    # What the bi-encoder embeds of a written document; None: the rerank document fields.
+    text_fields: tuple[str, ...] | None = Field(default=None, min_length=1)
+
+
+class RerankConfig(_Table):
+    # Dotted paths into the document; nested objects are followed, arrays joined.
+    document_fields: tuple[str, ...] | None = Field(default=None, min_length=1)
+    max_chars_per_field: int | None = Field(default=None, ge=1)
+
+
+class ProfileConfig(_Table):
+    """One `[profiles."<name or pattern>"]` table; unset parts are discovered or defaulted."""
+
+    lexical: LexicalConfig = LexicalConfig()
+    vector: VectorConfig = VectorConfig()
+    rerank: RerankConfig = RerankConfig()
+    # Never returned to clients; None: the vector field.
+    source_excludes: tuple[str, ...] | None = None
+    # One query clause ANDed with every request's own filter.
+    default_filter: dict[str, Any] | None = None
+    # Compute the vector of documents written through the sidecar; None: on for indexes made by
+    # `sidecar index create` (their mapping says so), off otherwise.
+    embed_on_write: bool | None = None
+
+    @field_validator("default_filter")
+    @classmethod
+    def _one_clause(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(value) != 1:
+            raise ValueError('must be one query clause, e.g. {term = {lang = "en"}}')
+        return value
+
+
+def parse_profiles(tables: Mapping[str, Any]) -> dict[str, ProfileConfig]:
+    """The config file's `profiles` tables, by index name or pattern, in file order.
+
+    Raises SettingsError naming the table and the field that is wrong."""
+    if not isinstance(tables, Mapping):
+        raise SettingsError(
+            f'{CONFIG_FILE_VARIABLE}: [profiles] must hold tables [profiles."INDEX"]'
+        )
+    parsed: dict[str, ProfileConfig] = {}
+    for pattern, table in tables.items():
+        try:
+            parsed[pattern] = ProfileConfig.model_validate(table)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'table'}: {e['msg']}"
+                for e in error.errors()
+            )
+            raise SettingsError(f'profile "{pattern}": {problems}') from None
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -134,6 +214,13 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     # Per-request timeout towards OpenSearch (pass-through and first stage).
     upstream_timeout_s: float = 30.0
+    # An index with no usable vector field: false refuses its searches with a 400 naming what
+    # was found; true runs a lexical-only first stage, flagged in the response.
+    allow_lexical_only: bool = False
+    # How long a discovered index mapping is reused before it is read again.
+    mapping_cache_ttl_s: float = 60.0
+    # Index profiles by index name or pattern (config file `[profiles."..."]` tables only).
+    profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
     # Downloaded OpenSearch artifacts are cached here.
     cache_dir: Path = field(default_factory=lambda: default_cache_dir(os.environ))
     local_node: LocalNodeSettings = field(default_factory=LocalNodeSettings)
@@ -167,7 +254,12 @@ class Settings:
             "provenance_top_k",
         ):
             _require(getattr(self, name) >= 1, f"SIDECAR_{name.upper()} must be at least 1")
-        for name in ("rerank_cache_ttl_s", "request_timeout_s", "upstream_timeout_s"):
+        for name in (
+            "rerank_cache_ttl_s",
+            "request_timeout_s",
+            "upstream_timeout_s",
+            "mapping_cache_ttl_s",
+        ):
             _require(getattr(self, name) > 0, f"SIDECAR_{name.upper()} must be positive")
         _require(self.rerank_max_wait_s >= 0, "SIDECAR_RERANK_MAX_WAIT_S must be >= 0")
         _require(self.chunk_overlap_tokens >= 0, "SIDECAR_CHUNK_OVERLAP_TOKENS must be >= 0")
@@ -187,9 +279,11 @@ class Settings:
         variables. Unknown variable names and file keys are errors: they are usually typos."""
         values: dict[str, Any] = {}
         node_values: dict[str, Any] = {}
+        profiles: dict[str, ProfileConfig] = {}
         if path := environ.get(CONFIG_FILE_VARIABLE):
             file_values = _read_config_file(Path(path))
             node_values.update(file_values.pop("local_opensearch", {}))
+            profiles = parse_profiles(file_values.pop("profiles", {}))
             values.update(file_values)
         known = {CONFIG_FILE_VARIABLE}
         for spec, target, prefix in (
@@ -208,7 +302,9 @@ class Settings:
             )
         values.setdefault("cache_dir", default_cache_dir(environ))
         node = _build(LocalNodeSettings, node_values, NODE_ENV_PREFIX)
-        settings: Settings = replace(_build(cls, values, ENV_PREFIX), local_node=node)
+        settings: Settings = replace(
+            _build(cls, values, ENV_PREFIX), local_node=node, profiles=profiles
+        )
         return settings
 
     def redacted(self) -> dict[str, Any]:
@@ -217,6 +313,9 @@ class Settings:
         values["opensearch_url"] = re.sub(r"//[^/@]+@", "//***@", self.opensearch_url)
         values["local_node"] = {
             f.name: _plain(getattr(self.local_node, f.name)) for f in fields(self.local_node)
+        }
+        values["profiles"] = {
+            name: profile.model_dump(exclude_none=True) for name, profile in self.profiles.items()
         }
         return {k: _plain(v) for k, v in values.items()}
 
@@ -243,9 +342,13 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return loaded
 
 
+# Settings that come as whole tables of the config file, never from single variables.
+_TABLES = frozenset({"local_node", "profiles"})
+
+
 def _field_types(spec: type) -> dict[str, Any]:
     hints = typing.get_type_hints(spec)
-    return {f.name: hints[f.name] for f in fields(spec) if f.name != "local_node"}
+    return {f.name: hints[f.name] for f in fields(spec) if f.name not in _TABLES}
 
 
 def _build(spec: type[Any], values: Mapping[str, Any], prefix: str) -> Any:

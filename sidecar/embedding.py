@@ -69,3 +69,20 @@ class BiEncoder:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         rows: list[list[float]] = (vectors / np.maximum(norms, 1e-12)).tolist()
         return rows
+
+
+class EncoderPool:
+    """The bi-encoders the sidecar serves with, by model name, each loaded once: the default one
+    (SIDECAR_EMBEDDING_MODEL) and any other a profile names."""
+
+    def __init__(self, default: BiEncoder, others: Sequence[BiEncoder] = ()) -> None:
+        self.default = default
+        self._by_name = {encoder.model_name: encoder for encoder in (default, *others)}
+
+    def get(self, name: str | None) -> BiEncoder:
+        """The encoder called `name` (None: the default). Raises KeyError for one never loaded."""
+        return self.default if name is None else self._by_name[name]
+
+    @property
+    def dimensions(self) -> dict[str, int]:
+        return {name: encoder.dimension for name, encoder in self._by_name.items()}

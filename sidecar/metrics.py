@@ -112,6 +112,18 @@ class Metrics:
         self.rerank_pairs = Counter(
             "sidecar_rerank_pairs", "Pairs scored by the cross-encoder.", registry=registry
         )
+        self.rerank_empty_text = Counter(
+            "sidecar_rerank_empty_text",
+            "Candidates not reranked because their document fields held no text.",
+            registry=registry,
+        )
+        self.write_documents = Counter(
+            "sidecar_write_documents",
+            "Documents written through the sidecar to an embed-on-write index, by what was done: "
+            "embedded, kept (the client sent the vector, or there was no text), failed.",
+            ["result"],
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "sidecar_rerank_batch_size",
             "Pairs per cross-encoder call.",

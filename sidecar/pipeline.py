@@ -6,29 +6,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from cachetools import LRUCache
 
 from sidecar.config import Settings, Truncation
-from sidecar.embedding import BiEncoder
+from sidecar.embedding import EncoderPool
 from sidecar.logging import log_stage
 from sidecar.metrics import Metrics
 from sidecar.rerank.batcher import BatcherClosed, Overloaded
 from sidecar.rerank.cache import normalize_query
 from sidecar.rerank.reranker import RerankDocument, Reranker
+from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.first_stage import FirstStage, FirstStageQuery, Fusion, retrieve
 from sidecar.retrieval.fusion import Candidate
-from sidecar.retrieval.opensearch import Upstream
+from sidecar.retrieval.opensearch import Upstream, UpstreamError
+from sidecar.retrieval.profiles import IndexProfile, check_filter, read_text
 from sidecar.retrieval.queries import Filter
 from sidecar.scoring import blend, minmax_first_stage, normalize_scores
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DOCUMENT_FIELDS = ("title", "text")
 
 
 class RerankUnavailable(Exception):
@@ -53,6 +52,8 @@ class SearchRequest:
     explain: bool = False
     # False: score every pair afresh (benchmarks measuring rerank cost); results are still cached.
     rerank_cache: bool = True
+    # What the reranker reads; None: the index profile's document fields.
+    document_fields: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class RerankReport:
     pairs_scored: int = 0
     fail_open: bool = False
     reason: str | None = None
+    # Candidates whose rerank text was empty: not scored, kept below the reranked hits.
+    empty_text: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class RankedHit:
     score: float
     # The first-stage score min-max normalized over all candidates, in [0, 1].
     first_stage_normalized: float
+    # Reranking ran but this candidate had no text to read: it keeps its first-stage order
+    # below every reranked hit, with score 0.
+    empty_text: bool = False
 
 
 @dataclass
@@ -106,13 +112,15 @@ class SearchResult:
     rerank: RerankReport
     timings: Timings
     retrieved: FirstStage
+    profile: IndexProfile
 
 
 class SearchPipeline:
     def __init__(
         self,
         settings: Settings,
-        encoder: BiEncoder,
+        encoders: EncoderPool,
+        profiles: ProfileResolver,
         upstream: Upstream,
         reranker: Reranker,
         embed_executor: ThreadPoolExecutor,
@@ -120,27 +128,35 @@ class SearchPipeline:
     ) -> None:
         self._settings = settings
         self.metrics = metrics
-        self._encoder = encoder
+        self.encoders = encoders
+        self.profiles = profiles
         self._upstream = upstream
         self._reranker = reranker
         self._embed_executor = embed_executor
-        self._query_vectors: LRUCache[str, list[float]] = LRUCache(
+        self._query_vectors: LRUCache[tuple[str, str], list[float]] = LRUCache(
             maxsize=settings.query_cache_entries
         )
 
     async def search(self, request: SearchRequest, deadline: float) -> SearchResult:
         """Both stages for the native API. `deadline` is on the event loop's clock.
 
-        Raises UpstreamError, Overloaded (admission bound) and RerankUnavailable (fail-closed).
+        Raises ProfileError (the index's profile cannot serve this request), UpstreamError,
+        Overloaded (admission bound) and RerankUnavailable (fail-closed).
         """
         timings = Timings(self.metrics)
         started = time.perf_counter()
-        stage = time.perf_counter()
-        vector, cached = await self._embed(request.query)
-        log_stage("embed", timings.record("embed", stage), cached=cached)
+        profile = await self.profiles.resolve(request.index)
+        if request.filter is not None:
+            check_filter(profile, request.index, request.filter)
+        vector = None
+        if profile.embedding == "local":
+            stage = time.perf_counter()
+            vector, cached = await self.embed_query(request.query, profile.model)
+            log_stage("embed", timings.record("embed", stage), cached=cached)
         stage = time.perf_counter()
         first_stage = FirstStageQuery(
             index=request.index,
+            profile=profile,
             text=request.query,
             vector=vector,
             candidates=request.candidates,
@@ -148,18 +164,28 @@ class SearchPipeline:
             weights=request.weights,
             filter=request.filter,
         )
-        retrieved = await retrieve(self._upstream, first_stage)
+        try:
+            retrieved = await retrieve(self._upstream, first_stage)
+        except UpstreamError as error:
+            if error.status == 400:
+                # Refused by the cluster: the mapping the profile was built from may be stale.
+                self.profiles.invalidate(request.index)
+            raise
         candidates = retrieved.candidates
         log_stage(
             "retrieve",
             timings.record("retrieve", stage),
             fusion=request.fusion,
+            profile=profile.name,
+            vector=profile.embedding,
             candidates=len(candidates),
             both=sum(c.provenance == "both" for c in candidates),
         )
+        document_fields = request.document_fields or profile.document_fields
         hits, report = await self.rerank(
             request.query,
             candidates,
+            [read_text(c.source, document_fields, profile.max_chars_per_field) for c in candidates],
             request.k,
             request.rerank,
             request.truncation,
@@ -177,36 +203,45 @@ class SearchPipeline:
             ],
         )
         return SearchResult(
-            hits=hits, candidates=candidates, rerank=report, timings=timings, retrieved=retrieved
+            hits=hits,
+            candidates=candidates,
+            rerank=report,
+            timings=timings,
+            retrieved=retrieved,
+            profile=profile,
         )
 
     async def rerank(
         self,
         query: str,
         candidates: Sequence[Candidate],
+        texts: Sequence[str],
         k: int,
         enabled: bool,
         truncation: Truncation,
         deadline: float,
         timings: Timings,
-        document_fields: Sequence[str] = DEFAULT_DOCUMENT_FIELDS,
         read_cache: bool = True,
     ) -> tuple[list[RankedHit], RerankReport]:
-        """Stage 2 and normalization over first-stage `candidates` (best first); top `k` returned.
+        """Stage 2 and normalization over first-stage `candidates` (best first), reading `texts`
+        (one per candidate); top `k` returned.
 
-        Shared by the native API and the `_search` interception. Falls open to the first-stage
-        order (flagged in the report) unless the operator chose fail-closed.
+        Shared by the native API and the `_search` interception. A candidate whose text is empty
+        is never scored (an empty text would get an arbitrary score): it stays below the reranked
+        hits in first-stage order, flagged and counted. Falls open to the first-stage order
+        (flagged in the report) unless the operator chose fail-closed.
         """
         backend = self._reranker.backend
         report = RerankReport(
             applied=False, model=backend.model_name, device=backend.device, dtype=backend.dtype
         )
-        logits: list[float] | None = None
+        logits: list[float | None] | None = None
+        readable = [i for i, text in enumerate(texts) if text.strip()]
         if enabled and candidates:
             stage = time.perf_counter()
-            documents = [
-                RerankDocument(c.id, document_text(c.source, document_fields)) for c in candidates
-            ]
+            documents = [RerankDocument(candidates[i].id, texts[i]) for i in readable]
+            empty_text = len(candidates) - len(readable)
+            self.metrics.rerank_empty_text.inc(empty_text)
             reason = None
             try:
                 remaining_s = deadline - asyncio.get_running_loop().time()
@@ -216,7 +251,9 @@ class SearchPipeline:
                     self._reranker.score(query, documents, truncation, read_cache=read_cache),
                     remaining_s,
                 )
-                logits = scores.logits
+                logits = [None] * len(candidates)
+                for position, logit in zip(readable, scores.logits, strict=True):
+                    logits[position] = logit
                 report = RerankReport(
                     applied=True,
                     model=backend.model_name,
@@ -224,6 +261,7 @@ class SearchPipeline:
                     dtype=backend.dtype,
                     cache_hits=scores.cache_hits,
                     pairs_scored=scores.pairs_scored,
+                    empty_text=empty_text,
                 )
             except Overloaded:
                 raise
@@ -253,6 +291,7 @@ class SearchPipeline:
                 documents=len(documents),
                 cache_hits=report.cache_hits,
                 pairs_scored=report.pairs_scored,
+                empty_text=empty_text,
                 fail_open=report.fail_open,
                 reason=report.reason,
             )
@@ -262,7 +301,7 @@ class SearchPipeline:
         return hits, report
 
     def _final_order(
-        self, candidates: Sequence[Candidate], logits: list[float] | None
+        self, candidates: Sequence[Candidate], logits: Sequence[float | None] | None
     ) -> list[RankedHit]:
         first_stage = minmax_first_stage([c.fused_score for c in candidates])
         if logits is None:
@@ -272,32 +311,32 @@ class SearchPipeline:
                     zip(candidates, first_stage, strict=True), 1
                 )
             ]
+        scored = [i for i, logit in enumerate(logits) if logit is not None]
         final = blend(
-            normalize_scores(logits, self._settings.normalization),
-            first_stage,
+            normalize_scores([logits[i] or 0.0 for i in scored], self._settings.normalization),
+            [first_stage[i] for i in scored],
             self._settings.alpha,
         )
-        ranked = [
-            RankedHit(candidate, rank, logit, score, normalized)
-            for rank, (candidate, logit, score, normalized) in enumerate(
-                zip(candidates, logits, final, first_stage, strict=True), 1
-            )
+        reranked = [
+            RankedHit(candidates[i], i + 1, logits[i], score, first_stage[i])
+            for i, score in zip(scored, final, strict=True)
         ]
-        ranked.sort(key=lambda hit: (-hit.score, hit.first_stage_rank))
-        return ranked
+        reranked.sort(key=lambda hit: (-hit.score, hit.first_stage_rank))
+        unread = [
+            RankedHit(candidate, rank, None, 0.0, first_stage[rank - 1], empty_text=True)
+            for rank, candidate in enumerate(candidates, 1)
+            if logits[rank - 1] is None
+        ]
+        return reranked + unread
 
-    async def _embed(self, text: str) -> tuple[list[float], bool]:
-        key = normalize_query(text)
+    async def embed_query(self, text: str, model: str | None) -> tuple[list[float], bool]:
+        """The query's vector from bi-encoder `model` (None: the default), and whether it came
+        from the cache. Runs the model on the embedding executor."""
+        encoder = self.encoders.get(model)
+        key = (encoder.model_name, normalize_query(text))
         if (vector := self._query_vectors.get(key)) is not None:
             return vector, True
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._embed_executor, self._encoder.embed, [text])
+        vectors = await loop.run_in_executor(self._embed_executor, encoder.embed, [text])
         self._query_vectors[key] = vectors[0]
         return vectors[0], False
-
-
-def document_text(source: Mapping[str, Any], document_fields: Sequence[str]) -> str:
-    """What the cross-encoder reads of a document: its text fields joined, in the given order."""
-    return " ".join(
-        str(source[f]) for f in document_fields if isinstance(source.get(f), str | int | float)
-    ).strip()

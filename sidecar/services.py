@@ -12,12 +12,14 @@ from sidecar.pipeline import SearchPipeline
 from sidecar.rerank.backend import ScoringPair
 from sidecar.rerank.batcher import MicroBatcher
 from sidecar.retrieval.opensearch import Upstream
+from sidecar.write_path import WritePath
 
 
 @dataclass
 class Services:
     settings: Settings
     pipeline: SearchPipeline
+    writes: WritePath
     # First-stage client (opensearch-py, JSON in and out).
     upstream: Upstream
     # Pass-through client (raw bytes) and its target, without credentials: clients bring their own.

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from sidecar.device import select_device, select_dtype
 from sidecar.evaluation import Qrels, evaluate_run, read_qrels, read_queries, search
 from sidecar.indexing.corpus import read_corpus
-from sidecar.pipeline import DEFAULT_DOCUMENT_FIELDS, document_text
+from sidecar.indexing.templates import TEXT_FIELDS
+from sidecar.retrieval.profiles import read_text
 from sidecar.scoring import Normalization, blend, minmax_first_stage, normalize_scores
 
 log = logging.getLogger(__name__)
@@ -606,7 +607,7 @@ def write_qrels(qrels: Qrels, path: Path) -> None:
 def read_documents(corpus: Path, wanted: set[str]) -> dict[str, str]:
     """The texts of the `wanted` ids in a BEIR corpus, as the rerank stage builds them."""
     return {
-        doc.id: document_text({"title": doc.title, "text": doc.text}, DEFAULT_DOCUMENT_FIELDS)
+        doc.id: read_text({"title": doc.title, "text": doc.text}, TEXT_FIELDS)
         for doc in read_corpus(corpus)
         if doc.id in wanted
     }

@@ -10,6 +10,8 @@ from aiohttp import web
 from sidecar.pipeline import RerankUnavailable
 from sidecar.rerank.batcher import Overloaded
 from sidecar.retrieval.opensearch import UpstreamError, error_body
+from sidecar.retrieval.profiles import ProfileError
+from sidecar.write_path import EmbeddingFailed
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ def rejection_reason(error: Exception) -> str | None:
         return "too_large"
     if isinstance(error, ApiError) and 400 <= error.status < 500:
         return "bad_request"
+    if isinstance(error, ProfileError):
+        return "bad_request"
     return None
 
 
@@ -56,6 +60,11 @@ def _classify(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
         return error.status, error_body(error.status, error.error_type, error.reason), error.headers
     if isinstance(error, UpstreamError):
         return error.status, error.body, {}
+    if isinstance(error, ProfileError):
+        return 400, error_body(400, "illegal_argument_exception", str(error)), {}
+    if isinstance(error, EmbeddingFailed):
+        reason = f"{error}; the write was not forwarded, nothing was stored"
+        return 503, error_body(503, "embedding_exception", reason), {}
     if isinstance(error, Overloaded):
         retry_after = str(max(1, round(error.retry_after_s)))
         reason = "the reranker queue is full; retry later"

@@ -4,8 +4,11 @@ streamed both ways. Only hop-by-hop headers are dropped, as any HTTP proxy must.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -15,6 +18,7 @@ from yarl import URL
 from sidecar.api.errors import ApiError
 from sidecar.logging import request_id_var
 from sidecar.metrics import Metrics
+from sidecar.retrieval.opensearch import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +73,12 @@ async def forward(
     max_body_bytes: int,
     metrics: Metrics,
     body: bytes | None = None,
+    *,
+    decoded: bool = False,
 ) -> web.StreamResponse:
-    """Send `request` upstream and stream the answer back. `body`: already read by the caller.
+    """Send `request` upstream and stream the answer back. `body`: already read by the caller
+    (`decoded`: it is the inflated body, as aiohttp reads a gzip/deflate-encoded one, so the
+    Content-Encoding header is not forwarded).
 
     A body with a known length is streamed through unread; one without is read (bounded) first.
     """
@@ -80,9 +88,16 @@ async def forward(
         elif request.content_length > max_body_bytes:
             raise _too_large(max_body_bytes)
     headers = _end_to_end(request.headers)
+    if decoded:
+        headers.popall("Content-Encoding", None)
     if body is not None:
         headers["Content-Length"] = str(len(body))
-    payload = body if body is not None else (request.content if request.can_read_body else None)
+    # A file-like payload: aiohttp writes large bytes in one blocking call otherwise.
+    payload = (
+        io.BytesIO(body)
+        if body is not None
+        else (request.content if request.can_read_body else None)
+    )
     target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
     response: web.StreamResponse | None = None
     started = time.perf_counter()
@@ -119,6 +134,50 @@ async def forward(
     finally:
         metrics.upstream_requests.labels(status).inc()
         metrics.upstream_duration.labels("proxy").observe(time.perf_counter() - started)
+
+
+async def fetch_json(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    upstream: URL,
+    metrics: Metrics,
+    method: str,
+    path: str,
+    body: Any,
+) -> dict[str, Any]:
+    """A JSON request made upstream on the caller's behalf, with the caller's own headers
+    (Authorization included): what it returns is what the caller may see. Raises ApiError 502
+    when OpenSearch does not answer, UpstreamError when it refuses."""
+    headers = _end_to_end(request.headers)
+    for name in ("Content-Length", "Content-Encoding", "Content-Type", "Accept-Encoding"):
+        headers.popall(name, None)
+    headers["Content-Type"] = "application/json"
+    # The session does not inflate answers (pass-through bodies stay byte-for-byte): ask for none.
+    headers["Accept-Encoding"] = "identity"
+    started = time.perf_counter()
+    status = "error"
+    try:
+        async with session.request(
+            method,
+            URL(str(upstream).rstrip("/") + path),
+            headers=headers,
+            data=json.dumps(body).encode(),
+            allow_redirects=False,
+        ) as answer:
+            status = str(answer.status)
+            payload = await answer.read()
+    except (aiohttp.ClientConnectionError, TimeoutError) as error:
+        raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+    finally:
+        metrics.upstream_requests.labels(status).inc()
+        metrics.upstream_duration.labels("fetch").observe(time.perf_counter() - started)
+    try:
+        decoded: dict[str, Any] = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ApiError(502, "upstream_error", "OpenSearch answered with no JSON") from None
+    if answer.status >= 400:
+        raise UpstreamError(answer.status, decoded)
+    return decoded
 
 
 def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

@@ -4,6 +4,7 @@ and pass-through for everything else (registered last, so it only gets what noth
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import math
 import time
@@ -21,7 +22,9 @@ from sidecar.api.schemas import parse_json_object, parse_rerank_ext, parse_searc
 from sidecar.logging import log_stage, request_id_var
 from sidecar.pipeline import RankedHit, RerankReport, Timings
 from sidecar.retrieval.fusion import Candidate, SourceRank
+from sidecar.retrieval.profiles import IndexProfile, read_text
 from sidecar.services import Services
+from sidecar.write_path import Fetch
 
 SERVICES = web.AppKey("services", Services)
 # Set by a handler whose request ends up elsewhere than its route says (intercept -> proxy).
@@ -35,8 +38,15 @@ _ROUTE_LABELS = {
     "/readyz": "health",
     "/metrics": "metrics",
     "/v1/search": "search",
+    "/v1/indexes/{index}/profile": "profile",
     "/_search": "intercept",
     "/{index}/_search": "intercept",
+    "/{index}/_doc": "write",
+    "/{index}/_doc/{id}": "write",
+    "/{index}/_create/{id}": "write",
+    "/{index}/_update/{id}": "write",
+    "/_bulk": "write",
+    "/{index}/_bulk": "write",
 }
 
 
@@ -45,9 +55,18 @@ def add_routes(app: web.Application, registry: CollectorRegistry) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/v1/search", native_search)
+    app.router.add_get("/v1/indexes/{index}/profile", index_profile)
     for path in ("/_search", "/{index}/_search"):
         app.router.add_route("GET", path, intercept_search)
         app.router.add_route("POST", path, intercept_search)
+    # Writes: other methods on these paths (GET, DELETE, HEAD) fall through to pass-through.
+    for path in ("/{index}/_doc", "/{index}/_doc/{id}", "/{index}/_create/{id}"):
+        for method in ("PUT", "POST"):
+            app.router.add_route(method, path, write_document)
+    app.router.add_route("POST", "/{index}/_update/{id}", write_update)
+    for path in ("/_bulk", "/{index}/_bulk"):
+        for method in ("PUT", "POST"):
+            app.router.add_route(method, path, write_bulk)
     app.router.add_route("*", "/{tail:.*}", pass_through)
 
 
@@ -131,6 +150,7 @@ async def native_search(request: web.Request) -> web.Response:
             source: sum(c.provenance == source for c in result.candidates)
             for source in ("both", "lexical_only", "vector_only")
         },
+        "first_stage": _first_stage(result.profile),
         "timings_ms": result.timings.values_ms,
         "rerank": _report(result.rerank),
     }
@@ -175,16 +195,25 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         raise bad_request(
             f"[from] + [size] ({offset + size}) must not exceed [ext.rerank.window] ({rerank_ext.window})"
         )
+    index = request.match_info.get("index")
+    profile = await services.pipeline.profiles.resolve(index or "_all", need_vector=False)
+    document_fields = rerank_ext.document_fields or profile.document_fields
     remaining_ext = {key: value for key, value in ext.items() if key != "rerank"}
     upstream_body = {key: value for key, value in body.items() if key != "ext"}
     upstream_body.update(size=rerank_ext.window, **{"from": 0})
+    # The reranker reads the document fields whatever `_source` the caller asked for: they come
+    # back under each hit's `fields`, and are taken out again before the caller sees the hits.
+    asked_fields = body.get("fields")
+    added_fields: list[str] = []
+    if asked_fields is None or isinstance(asked_fields, list):
+        named = {f for f in asked_fields or [] if isinstance(f, str)}
+        added_fields = [f for f in document_fields if f not in named]
+        upstream_body["fields"] = [*(asked_fields or []), *added_fields]
     if remaining_ext:
         upstream_body["ext"] = remaining_ext
     timings = Timings(services.pipeline.metrics)
     stage = time.perf_counter()
-    response = await services.upstream.search(
-        request.match_info.get("index"), upstream_body, dict(request.query)
-    )
+    response = await services.upstream.search(index, upstream_body, dict(request.query))
     log_stage(
         "retrieve", timings.record("retrieve", stage), candidates=len(response["hits"]["hits"])
     )
@@ -199,25 +228,29 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         )
         for hit in original
     ]
+    texts = [_hit_text(hit, document_fields, profile.max_chars_per_field) for hit in original]
     ranked, report = await services.pipeline.rerank(
         rerank_ext.query_text,
         candidates,
+        texts,
         offset + size,
         True,
         settings.truncation,
         deadline,
         timings,
-        rerank_ext.document_fields,
     )
+    caller_patterns = [f for f in asked_fields or [] if isinstance(f, str)]
     page = ranked[offset : offset + size]
     hits = []
     for hit in page:
-        entry = dict(original[hit.first_stage_rank - 1])
+        entry = _without_fields(original[hit.first_stage_rank - 1], added_fields, caller_patterns)
         entry["_rerank"] = {
             "first_stage_score": entry.get("_score"),
             "first_stage_rank": hit.first_stage_rank,
             "rerank_score": _finite(hit.rerank_score),
         }
+        if hit.empty_text:
+            entry["_rerank"]["empty_text"] = True
         entry["_score"] = _finite(hit.score)
         hits.append(entry)
     response["hits"]["hits"] = hits
@@ -231,6 +264,116 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     return _json(response)
 
 
+def _hit_text(hit: dict[str, Any], document_fields: tuple[str, ...], max_chars: int | None) -> str:
+    """What the reranker reads of an intercepted hit: each field from the hit's `fields` (what
+    OpenSearch retrieved for it), else from its `_source`."""
+    fields, source = hit.get("fields"), hit.get("_source")
+    fields = fields if isinstance(fields, dict) else {}
+    source = source if isinstance(source, dict) else {}
+    return " ".join(
+        text
+        for name in document_fields
+        if (text := read_text(fields if name in fields else source, [name], max_chars))
+    )
+
+
+def _without_fields(
+    hit: dict[str, Any], added: list[str], caller_patterns: list[str]
+) -> dict[str, Any]:
+    """The hit as the caller's own request would have returned it: without the `fields` entries
+    the sidecar asked for (unless one of the caller's own `fields` patterns names them)."""
+    entry = dict(hit)
+    fields = entry.get("fields")
+    if not added or not isinstance(fields, dict):
+        return entry
+    kept = {
+        name: value
+        for name, value in fields.items()
+        if name not in added or any(fnmatch.fnmatchcase(name, p) for p in caller_patterns)
+    }
+    if kept:
+        entry["fields"] = kept
+    else:
+        del entry["fields"]
+    return entry
+
+
+async def write_document(request: web.Request) -> web.StreamResponse:
+    """`_doc`/`_create`: the document gets its vector if its index embeds on write."""
+    body = await _write_body(request)
+    enriched = await request.app[SERVICES].writes.document(request.match_info["index"], body)
+    return await _forward_write(request, body, enriched)
+
+
+async def write_update(request: web.Request) -> web.StreamResponse:
+    """`_update`: its `doc`/`upsert` get their vector if the index embeds on write."""
+    services = request.app[SERVICES]
+    body = await _write_body(request)
+    enriched = await services.writes.update(
+        request.match_info["index"],
+        request.match_info["id"],
+        request.query.get("routing"),
+        body,
+        _stored_documents(request),
+    )
+    return await _forward_write(request, body, enriched)
+
+
+async def write_bulk(request: web.Request) -> web.StreamResponse:
+    """`_bulk`: documents bound for embed-on-write indexes get their vectors, in batches."""
+    services = request.app[SERVICES]
+    body = await _write_body(request)
+    enriched = await services.writes.bulk(
+        request.match_info.get("index"), body, _stored_documents(request)
+    )
+    return await _forward_write(request, body, enriched)
+
+
+async def _write_body(request: web.Request) -> bytes:
+    """The write's body as the write path reads it: aiohttp has inflated a gzip- or
+    deflate-encoded one already."""
+    return await proxy.read_body(request, request.app[SERVICES].settings.max_body_bytes)
+
+
+async def _forward_write(
+    request: web.Request, body: bytes, enriched: bytes | None
+) -> web.StreamResponse:
+    """Forward the enriched body, or the body as it came when nothing was added; either way
+    inflated, so without the Content-Encoding it came in."""
+    services = request.app[SERVICES]
+    return await proxy.forward(
+        request,
+        services.session,
+        services.upstream_url,
+        services.settings.max_body_bytes,
+        services.pipeline.metrics,
+        body if enriched is None else enriched,
+        decoded="Content-Encoding" in request.headers,
+    )
+
+
+def _stored_documents(request: web.Request) -> Fetch:
+    """Reads stored documents for partial updates with the caller's own identity."""
+    services = request.app[SERVICES]
+
+    async def fetch(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        answer = await proxy.fetch_json(
+            request,
+            services.session,
+            services.upstream_url,
+            services.pipeline.metrics,
+            "POST",
+            "/_mget",
+            {"docs": docs},
+        )
+        found = answer.get("docs")
+        if not (isinstance(found, list) and len(found) == len(docs)):
+            raise ApiError(502, "upstream_error", "OpenSearch answered _mget with no docs")
+        return found
+
+    return fetch
+
+
 async def pass_through(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     return await proxy.forward(
@@ -240,6 +383,23 @@ async def pass_through(request: web.Request) -> web.StreamResponse:
         services.settings.max_body_bytes,
         services.pipeline.metrics,
     )
+
+
+async def index_profile(request: web.Request) -> web.Response:
+    """The effective profile of an index expression and where each part of it came from."""
+    services = request.app[SERVICES]
+    index = request.match_info["index"]
+    profile = await services.pipeline.profiles.resolve(index)
+    return _json({"index": index, **profile.describe()})
+
+
+def _first_stage(profile: IndexProfile) -> dict[str, Any]:
+    return {
+        "profile": profile.name,
+        "vector": profile.embedding,
+        "lexical_only": profile.embedding == "none",
+        "lexical_only_reason": profile.lexical_only_reason,
+    }
 
 
 def _native_hit(hit: RankedHit, explain: bool) -> dict[str, Any]:
@@ -259,6 +419,8 @@ def _native_hit(hit: RankedHit, explain: bool) -> dict[str, Any]:
         },
         "source": candidate.source,
     }
+    if hit.empty_text:
+        entry["empty_text"] = True
     if explain:
         entry["explain"] = {"provenance": candidate.provenance}
     return entry
@@ -278,6 +440,7 @@ def _report(report: RerankReport) -> dict[str, Any]:
         "pairs_scored": report.pairs_scored,
         "fail_open": report.fail_open,
         "reason": report.reason,
+        "empty_text": report.empty_text,
     }
 
 

@@ -11,11 +11,13 @@ from typing import Any, get_args
 
 from sidecar.api.errors import ApiError, bad_request
 from sidecar.config import Settings, Truncation
-from sidecar.pipeline import DEFAULT_DOCUMENT_FIELDS, SearchRequest
+from sidecar.pipeline import SearchRequest
 from sidecar.retrieval.first_stage import FUSIONS
 
 MAX_QUERY_CHARS = 4096
 MAX_INDEX_CHARS = 255
+MAX_DOCUMENT_FIELDS = 32
+MAX_FIELD_CHARS = 512
 _NATIVE_FIELDS = frozenset(
     {
         "index",
@@ -29,6 +31,7 @@ _NATIVE_FIELDS = frozenset(
         "truncation",
         "explain",
         "rerank_cache",
+        "document_fields",
     }
 )
 
@@ -92,6 +95,7 @@ def parse_search_request(body: Mapping[str, Any], settings: Settings) -> SearchR
         filter=filter_clause,
         explain=_boolean(body, "explain", False),
         rerank_cache=_boolean(body, "rerank_cache", True),
+        document_fields=_field_names(body, "document_fields"),
     )
 
 
@@ -101,7 +105,8 @@ class RerankExt:
 
     query_text: str
     window: int
-    document_fields: tuple[str, ...]
+    # None: the index profile's document fields.
+    document_fields: tuple[str, ...] | None
 
 
 def parse_rerank_ext(ext: Any, settings: Settings) -> RerankExt:
@@ -120,10 +125,33 @@ def parse_rerank_ext(ext: Any, settings: Settings) -> RerankExt:
         raise bad_request(
             f"[ext.rerank.window] is {window}, above the maximum {settings.max_candidates}"
         )
-    fields = ext.get("document_fields", list(DEFAULT_DOCUMENT_FIELDS))
-    if not (isinstance(fields, list) and fields and all(isinstance(f, str) and f for f in fields)):
-        raise bad_request("[ext.rerank.document_fields] must be a non-empty list of field names")
-    return RerankExt(query_text=query_text, window=window, document_fields=tuple(fields))
+    fields = _field_names(ext, "document_fields", "ext.rerank.document_fields")
+    return RerankExt(query_text=query_text, window=window, document_fields=fields)
+
+
+def _field_names(
+    body: Mapping[str, Any], key: str, label: str | None = None
+) -> tuple[str, ...] | None:
+    """A list of dotted field paths the reranker reads, or None when `key` is absent."""
+    if key not in body:
+        return None
+    value = body[key]
+    if not (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_DOCUMENT_FIELDS
+        and all(
+            isinstance(f, str)
+            and 0 < len(f) <= MAX_FIELD_CHARS
+            and f.strip() == f
+            and "" not in f.split(".")
+            for f in value
+        )
+    ):
+        raise bad_request(
+            f"[{label or key}] must be a non-empty list of at most {MAX_DOCUMENT_FIELDS} "
+            "field names (dotted paths)"
+        )
+    return tuple(value)
 
 
 def _string(

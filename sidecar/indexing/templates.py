@@ -17,6 +17,9 @@ from opensearchpy import OpenSearch
 HYBRID_PIPELINE = "sidecar-hybrid-minmax"
 RRF_PIPELINE = "sidecar-hybrid-rrf"
 VECTOR_FIELD = "embedding"
+# The analyzed fields of a sidecar index: what BM25 searches, the reranker reads and the
+# bi-encoder embeds (joined in this order).
+TEXT_FIELDS = ("title", "text")
 # The score-ranker-processor (RRF) exists from this version on.
 _RRF_MIN_VERSION = (2, 19)
 

@@ -1,9 +1,9 @@
 """Stage 1: BM25 and k-NN candidates from OpenSearch, fused, each with exact provenance.
 
 `rrf` and `convex` run both subqueries in one `_msearch` and fuse here (formulas in fusion.py).
-`server` lets OpenSearch fuse through the hybrid search pipeline and, concurrently, runs the two
-subqueries alone in one `_msearch` so every candidate's per-retriever rank and raw score are known
-exactly (OpenSearch's hybrid response only has the fused score).
+`server` lets OpenSearch fuse through a hybrid query and, concurrently, runs the two subqueries
+alone in one `_msearch` so every candidate's per-retriever rank and raw score are known exactly
+(OpenSearch's hybrid response only has the fused score). A lexical-only profile runs BM25 alone.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sidecar.indexing.templates import HYBRID_PIPELINE
 from sidecar.retrieval.fusion import (
     Candidate,
     RetrieverHit,
@@ -22,11 +21,13 @@ from sidecar.retrieval.fusion import (
     fuse_rrf,
 )
 from sidecar.retrieval.opensearch import Upstream
+from sidecar.retrieval.profiles import IndexProfile
 from sidecar.retrieval.queries import (
     Filter,
     build_hybrid_search,
     build_lexical_search,
     build_vector_search,
+    combine_filters,
 )
 
 Fusion = Literal["server", "rrf", "convex"]
@@ -36,8 +37,10 @@ FUSIONS: tuple[Fusion, ...] = ("server", "rrf", "convex")
 @dataclass(frozen=True)
 class FirstStageQuery:
     index: str
+    profile: IndexProfile
     text: str
-    vector: list[float]
+    # The sidecar's own query embedding; None when the cluster embeds (neural) or no vector runs.
+    vector: list[float] | None
     candidates: int
     fusion: Fusion = "convex"
     # (lexical, vector); None: the mode's default (equal weights).
@@ -56,17 +59,28 @@ class FirstStage:
 
 async def retrieve(upstream: Upstream, query: FirstStageQuery) -> FirstStage:
     """Raises UpstreamError."""
+    profile = query.profile
+    filter_clause = combine_filters(profile, query.filter)
+    lexical_search = build_lexical_search(profile, query.text, query.candidates, filter_clause)
+    if profile.embedding == "none":
+        (lexical,) = await upstream.msearch(query.index, [lexical_search])
+        lexical_hits = _hits(lexical)
+        return FirstStage(attach_provenance(lexical_hits, lexical_hits, []), lexical_hits, [])
     subqueries = [
-        build_lexical_search(query.text, query.candidates, query.filter),
-        build_vector_search(query.vector, query.candidates, query.filter),
+        lexical_search,
+        build_vector_search(profile, query.text, query.vector, query.candidates, filter_clause),
     ]
     if query.fusion == "server":
         hybrid = build_hybrid_search(
-            query.text, query.vector, query.candidates, query.filter, query.weights
+            profile,
+            query.text,
+            query.vector,
+            query.candidates,
+            filter_clause,
+            query.weights or (0.5, 0.5),
         )
-        params = {} if query.weights is not None else {"search_pipeline": HYBRID_PIPELINE}
         fused, (lexical, vector) = await asyncio.gather(
-            upstream.search(query.index, hybrid, params), upstream.msearch(query.index, subqueries)
+            upstream.search(query.index, hybrid), upstream.msearch(query.index, subqueries)
         )
         lexical_hits, vector_hits = _hits(lexical), _hits(vector)
         return FirstStage(

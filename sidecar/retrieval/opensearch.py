@@ -53,6 +53,12 @@ class Upstream:
             )
         return response
 
+    async def mapping(self, index: str) -> dict[str, Any]:
+        """`GET <index>/_mapping`: one entry per concrete index the expression names."""
+        async with self._measured("mapping"):
+            response: dict[str, Any] = await self.client.indices.get_mapping(index=index)
+        return response
+
     async def msearch(
         self, index: str, bodies: Sequence[Mapping[str, Any]]
     ) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from sidecar.config import DEFAULT_EMBEDDING_MODEL, LocalNodeSettings, Settings
 from sidecar.embedding import BiEncoder
 from sidecar.local_opensearch.artifacts import RELEASES
 from sidecar.local_opensearch.node import LocalNode
+from sidecar.retrieval.profiles import IndexProfile, discover_profile
 from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 
 # Apart from the default 9200, so a developer's own `sidecar opensearch up` node is left alone.
@@ -75,6 +76,12 @@ def opensearch() -> Iterator[Cluster]:
     finally:
         if started_here:
             node.down()
+
+
+def profile_of(cluster: Cluster, index: str, encoder: BiEncoder) -> IndexProfile:
+    """The profile the sidecar discovers for `index`, to query OpenSearch directly as it would."""
+    mapping = cluster.client.indices.get_mapping(index=index)
+    return discover_profile(index, mapping, encoder.model_name, encoder.dimension)
 
 
 @pytest.fixture(scope="session")

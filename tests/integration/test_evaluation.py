@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli import main
+from sidecar.embedding import BiEncoder
 from sidecar.evaluation import evaluate_run
 from sidecar.retrieval.queries import build_lexical_search
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import Cluster, profile_of
 from tests.integration.sidecar_server import RunningSidecar
 from tests.integration.test_indexing import DOCUMENTS, write_corpus
 
@@ -46,7 +47,11 @@ def dataset(tmp_path: Path) -> Path:
 
 
 def test_eval_loads_evaluates_and_writes_reports(
-    tiny_sidecar: RunningSidecar, opensearch: Cluster, dataset: Path, tmp_path: Path
+    tiny_sidecar: RunningSidecar,
+    opensearch: Cluster,
+    encoder: BiEncoder,
+    dataset: Path,
+    tmp_path: Path,
 ) -> None:
     index, out = "test-eval-tiny", tmp_path / "report"
     try:
@@ -80,11 +85,12 @@ def test_eval_loads_evaluates_and_writes_reports(
             assert set(scores) == {"ndcg@10", "recall@100", "mrr@10"}
             assert all(0.0 <= value <= 1.0 for value in scores.values())
 
+        profile = profile_of(opensearch, index, encoder)
         direct = {
             query_id: {
                 hit["_id"]: hit["_score"]
                 for hit in opensearch.client.search(
-                    index=index, body=build_lexical_search(text, 5)
+                    index=index, body=build_lexical_search(profile, text, 5)
                 )["hits"]["hits"]
             }
             for query_id, text in QUERIES.items()

@@ -20,8 +20,8 @@ from sidecar.indexing.templates import (
     VectorOptions,
     create_index,
 )
-from sidecar.retrieval.queries import build_hybrid_search, build_knn_query, build_lexical_query
-from tests.integration.conftest import Cluster
+from sidecar.retrieval.queries import build_hybrid_search, build_lexical_query, build_vector_query
+from tests.integration.conftest import Cluster, profile_of
 
 pytestmark = pytest.mark.integration
 
@@ -109,17 +109,19 @@ def test_local_node_has_the_knn_and_neural_search_plugins(opensearch: Cluster) -
 
 
 def test_bm25_query_finds_the_document_with_the_words(
-    opensearch: Cluster, loaded_index: str
+    opensearch: Cluster, encoder: BiEncoder, loaded_index: str
 ) -> None:
-    query = {"query": build_lexical_query("sourdough starter")}
+    profile = profile_of(opensearch, loaded_index, encoder)
+    query = {"query": build_lexical_query(profile, "sourdough starter")}
     assert top_ids(opensearch.client.search(index=loaded_index, body=query))[0] == "bread"
 
 
 def test_knn_query_finds_a_paraphrase_without_shared_words(
     opensearch: Cluster, encoder: BiEncoder, loaded_index: str
 ) -> None:
-    vector = encoder.embed(["what makes metal go orange and crumbly when left outside"])[0]
-    query = {"size": 3, "query": build_knn_query(vector, k=3)}
+    text = "what makes metal go orange and crumbly when left outside"
+    profile = profile_of(opensearch, loaded_index, encoder)
+    query = {"size": 3, "query": build_vector_query(profile, text, encoder.embed([text])[0], k=3)}
     assert top_ids(opensearch.client.search(index=loaded_index, body=query))[0] == "rust"
 
 
@@ -128,7 +130,9 @@ def test_hybrid_query_through_the_search_pipeline(
     opensearch: Cluster, encoder: BiEncoder, loaded_index: str, pipeline: str
 ) -> None:
     text = "immune system protection from disease"
-    query = build_hybrid_search(text, encoder.embed([text])[0], candidates=5)
+    profile = profile_of(opensearch, loaded_index, encoder)
+    query = build_hybrid_search(profile, text, encoder.embed([text])[0], candidates=5)
+    del query["search_pipeline"]  # the shipped pipeline named below instead of the inline one
     response = opensearch.client.search(
         index=loaded_index, body=query, params={"search_pipeline": pipeline}
     )

@@ -17,10 +17,10 @@ from opensearchpy.exceptions import NotFoundError, RequestError, TransportError
 from sentence_transformers import CrossEncoder
 
 from sidecar.embedding import BiEncoder
-from sidecar.pipeline import document_text
 from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
+from sidecar.retrieval.profiles import read_text
 from sidecar.retrieval.queries import build_lexical_search, build_vector_search
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import Cluster, profile_of
 from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 
 pytestmark = pytest.mark.integration
@@ -75,9 +75,12 @@ def test_provenance_is_exact_against_each_subquery_alone(
         fusion=fusion,
         rerank=False,
     )
-    lexical = ranks_alone(opensearch, build_lexical_search(QUERY, candidates), pydoc_index)
+    profile = profile_of(opensearch, pydoc_index, encoder)
+    lexical = ranks_alone(opensearch, build_lexical_search(profile, QUERY, candidates), pydoc_index)
     vector = ranks_alone(
-        opensearch, build_vector_search(encoder.embed([QUERY])[0], candidates), pydoc_index
+        opensearch,
+        build_vector_search(profile, QUERY, encoder.embed([QUERY])[0], candidates),
+        pydoc_index,
     )
     assert answer["candidates"] <= 2 * candidates
     assert len(answer["hits"]) == candidates
@@ -105,7 +108,7 @@ def test_final_order_is_the_cross_encoders_own_order(
     assert answer["rerank"]["applied"] is True
     assert answer["rerank"]["pairs_scored"] + answer["rerank"]["cache_hits"] == 20
     model = CrossEncoder(str(tiny_cross_encoder), device="cpu", max_length=128)
-    pairs = [(QUERY, document_text(hit["source"], ("title", "text"))) for hit in answer["hits"]]
+    pairs = [(QUERY, read_text(hit["source"], ("title", "text"))) for hit in answer["hits"]]
     import torch
 
     own = model.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True).tolist()
@@ -190,6 +193,7 @@ def test_slow_model_fails_open_to_the_first_stage_order_or_closed_with_503(
             "pairs_scored": 0,
             "fail_open": True,
             "reason": "deadline",
+            "empty_text": 0,
         }
         assert [h["first_stage"]["rank"] for h in answer["hits"]] == [1, 2, 3, 4, 5]
         assert all(h["rerank_score"] is None for h in answer["hits"])

@@ -11,7 +11,6 @@ import pytest
 from sidecar.config import DEFAULT_EMBEDDING_MODEL
 from sidecar.embedding import resolve_model_source
 from sidecar.evaluation import read_qrels
-from sidecar.pipeline import DEFAULT_DOCUMENT_FIELDS, document_text
 from sidecar.rerank.backend import (
     CrossEncoderBackend,
     ScoringPair,
@@ -331,7 +330,6 @@ def test_documents_are_read_as_the_rerank_stage_reads_them(tmp_path: Path) -> No
     )
     documents = read_documents(corpus, {"a", "b", "missing"})
     assert documents == {
-        "a": document_text({"title": "Title", "text": "body"}, DEFAULT_DOCUMENT_FIELDS),
+        "a": "Title body",
         "b": "only body",
     }
-    assert documents["a"] == "Title body"

@@ -12,7 +12,6 @@ from sidecar.api.schemas import (
     parse_search_request,
 )
 from sidecar.config import Settings
-from sidecar.pipeline import DEFAULT_DOCUMENT_FIELDS
 
 SETTINGS = Settings(default_candidates=50, max_candidates=200)
 MINIMAL = {"index": "docs", "query": "what is bm25"}
@@ -328,7 +327,7 @@ def test_rerank_ext_defaults() -> None:
     assert ext == RerankExt(
         query_text="what is bm25",
         window=SETTINGS.default_candidates,
-        document_fields=DEFAULT_DOCUMENT_FIELDS,
+        document_fields=None,
     )
 
 
@@ -389,12 +388,34 @@ def test_rerank_ext_window_must_be_a_positive_integer(window: Any, message: str)
 
 @pytest.mark.parametrize(
     "fields",
-    [[], "title", ["title", ""], ["title", 3], None, {"title": True}, [["title"]]],
-    ids=["empty", "string", "empty-name", "non-string", "null", "object", "nested"],
+    [
+        [],
+        "title",
+        ["title", ""],
+        ["title", 3],
+        None,
+        {"title": True},
+        [["title"]],
+        ["a..b"],
+        [" title"],
+        ["f"] * 33,
+    ],
+    ids=[
+        "empty",
+        "string",
+        "empty-name",
+        "non-string",
+        "null",
+        "object",
+        "nested",
+        "empty-path-part",
+        "padded",
+        "too-many",
+    ],
 )
 def test_rerank_ext_document_fields_must_be_a_non_empty_list_of_names(fields: Any) -> None:
     ext = {"query_context": {"query_text": "q"}, "document_fields": fields}
     error = refused(parse_rerank_ext, ext, SETTINGS)
     assert_bad_request(
-        error, "[ext.rerank.document_fields] must be a non-empty list of field names"
+        error, "[ext.rerank.document_fields] must be a non-empty list of at most 32 field names"
     )

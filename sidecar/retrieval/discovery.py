@@ -1,0 +1,106 @@
+"""Profile resolution at request time: the configured profile of an index expression merged with
+what its mapping shows, the mapping read once per TTL (and again after a mapping error)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from cachetools import TTLCache
+
+from sidecar.config import ProfileConfig
+from sidecar.retrieval.opensearch import Upstream, UpstreamError
+from sidecar.retrieval.profiles import (
+    IndexProfile,
+    MappingInfo,
+    ProfileError,
+    build_profile,
+    match_profile,
+)
+
+log = logging.getLogger(__name__)
+
+_MAX_MAPPINGS = 1024
+
+
+class ProfileResolver:
+    def __init__(
+        self,
+        configs: Mapping[str, ProfileConfig],
+        upstream: Upstream,
+        *,
+        local_model: str,
+        local_dimensions: Mapping[str, int],
+        allow_lexical_only: bool,
+        mapping_ttl_s: float,
+    ) -> None:
+        self._configs = configs
+        self._upstream = upstream
+        self._local_model = local_model
+        self._local_dimensions = local_dimensions
+        self._allow_lexical_only = allow_lexical_only
+        self._mappings: TTLCache[str, MappingInfo] = TTLCache(_MAX_MAPPINGS, mapping_ttl_s)
+
+    async def resolve(self, index: str, *, need_vector: bool = True) -> IndexProfile:
+        """The profile searches of `index` use (`need_vector` false: only its rerank part is
+        wanted, so a missing vector field is no error). Raises ProfileError (the profile cannot
+        work for this index) and UpstreamError (e.g. OpenSearch's own 404 for an unknown index)."""
+        return self._build(index, await self._mapping(index), need_vector=need_vector)
+
+    async def for_write(self, index: str) -> IndexProfile | None:
+        """The profile of a write target when its documents get vectors here, else None (the write
+        passes through). An index that does not exist yet gets vectors only from a configured
+        profile naming its vector field. Raises ProfileError only for a profile configured to
+        embed on write that cannot work (the write would otherwise go without its vector)."""
+        configured = match_profile(self._configs, index)
+        try:
+            mapping: MappingInfo | None = await self._mapping(index)
+        except UpstreamError as error:
+            if error.status != 404:
+                raise
+            if configured is None or configured[1].vector.field is None:
+                return None
+            mapping = None
+        try:
+            profile = self._build(index, mapping, need_vector=False)
+        except ProfileError:
+            if configured is not None and configured[1].embed_on_write:
+                raise
+            return None
+        return profile if profile.embed_on_write else None
+
+    def invalidate(self, index: str) -> None:
+        """Forget the mapping of `index` (it was refused by the cluster: it may have changed)."""
+        self._mappings.pop(index, None)
+
+    async def check_configured(self) -> None:
+        """At start: every profile configured for an exact index name that exists must agree with
+        its mapping. Raises ProfileError naming both sides (patterns are checked on first use)."""
+        for name in self._configs:
+            if any(c in name for c in "*?[,"):
+                continue
+            try:
+                await self.resolve(name)
+            except UpstreamError as error:
+                if error.status != 404:
+                    raise
+                log.info("profile for index %r: the index does not exist yet", name)
+
+    async def _mapping(self, index: str) -> MappingInfo:
+        if (cached := self._mappings.get(index)) is not None:
+            return cached
+        mapping = MappingInfo.from_response(await self._upstream.mapping(index))
+        self._mappings[index] = mapping
+        return mapping
+
+    def _build(
+        self, index: str, mapping: MappingInfo | None, *, need_vector: bool = True
+    ) -> IndexProfile:
+        return build_profile(
+            index,
+            match_profile(self._configs, index),
+            mapping,
+            local_model=self._local_model,
+            local_dimensions=self._local_dimensions,
+            allow_lexical_only=self._allow_lexical_only or not need_vector,
+        )

@@ -91,61 +91,58 @@ def create_app(
         await batcher.start()
         upstream = Upstream(settings.opensearch_url, settings.upstream_timeout_s, metrics)
         session = proxy.create_session(settings.upstream_timeout_s)
-        profiles = ProfileResolver(
-            settings.profiles,
-            upstream,
-            local_model=query_encoder.model_name,
-            local_dimensions=encoders.dimensions,
-            allow_lexical_only=settings.allow_lexical_only,
-            mapping_ttl_s=settings.mapping_cache_ttl_s,
-        )
         try:
-            await profiles.check_configured()
-        except ProfileError as error:
-            await batcher.stop()
-            await session.close()
-            await upstream.close()
-            raise SettingsError(f"index profile: {error}") from None
-        cache = ScoreCache(settings.rerank_cache_entries, settings.rerank_cache_ttl_s)
-        reranker = Reranker(
-            reranker_backend,
-            batcher,
-            cache,
-            prepare_executor,
-            metrics,
-            overlap_tokens=settings.chunk_overlap_tokens,
-        )
-        app[SERVICES] = Services(
-            settings=settings,
-            pipeline=SearchPipeline(
-                settings, encoders, profiles, upstream, reranker, embed_executor, metrics
-            ),
-            writes=WritePath(profiles, encoders, embed_executor, metrics),
-            upstream=upstream,
-            session=session,
-            upstream_url=URL(settings.opensearch_url).with_user(None),
-            batcher=batcher,
-        )
-        metrics.build_info.labels(
-            version=__version__,
-            reranker=reranker_backend.identity,
-            device=reranker_backend.device,
-            dtype=reranker_backend.dtype,
-            embedding_model=query_encoder.model_name,
-        ).set(1)
-        metrics.track_gauges(
-            lambda: batcher.pending_pairs, gpu_memory_reader(reranker_backend.device)
-        )
-        log.info(
-            "models ready",
-            extra={
-                "reranker": reranker_backend.identity,
-                "reranker_device": reranker_backend.device,
-                "reranker_dtype": reranker_backend.dtype,
-                "embedding_model": query_encoder.model_name,
-            },
-        )
-        try:
+            profiles = ProfileResolver(
+                settings.profiles,
+                upstream,
+                local_model=query_encoder.model_name,
+                local_dimensions=encoders.dimensions,
+                allow_lexical_only=settings.allow_lexical_only,
+                mapping_ttl_s=settings.mapping_cache_ttl_s,
+            )
+            try:
+                await profiles.check_configured()
+            except ProfileError as error:
+                raise SettingsError(f"index profile: {error}") from None
+            cache = ScoreCache(settings.rerank_cache_entries, settings.rerank_cache_ttl_s)
+            reranker = Reranker(
+                reranker_backend,
+                batcher,
+                cache,
+                prepare_executor,
+                metrics,
+                overlap_tokens=settings.chunk_overlap_tokens,
+            )
+            app[SERVICES] = Services(
+                settings=settings,
+                pipeline=SearchPipeline(
+                    settings, encoders, profiles, upstream, reranker, embed_executor, metrics
+                ),
+                writes=WritePath(profiles, encoders, embed_executor, metrics),
+                upstream=upstream,
+                session=session,
+                upstream_url=URL(settings.opensearch_url).with_user(None),
+                batcher=batcher,
+            )
+            metrics.build_info.labels(
+                version=__version__,
+                reranker=reranker_backend.identity,
+                device=reranker_backend.device,
+                dtype=reranker_backend.dtype,
+                embedding_model=query_encoder.model_name,
+            ).set(1)
+            metrics.track_gauges(
+                lambda: batcher.pending_pairs, gpu_memory_reader(reranker_backend.device)
+            )
+            log.info(
+                "models ready",
+                extra={
+                    "reranker": reranker_backend.identity,
+                    "reranker_device": reranker_backend.device,
+                    "reranker_dtype": reranker_backend.dtype,
+                    "embedding_model": query_encoder.model_name,
+                },
+            )
             yield
         finally:
             await batcher.stop()

@@ -219,3 +219,66 @@ def print_table(summaries: Sequence[dict[str, Any]]) -> None:
 def dump(results: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def bulk_write_benchmark(
+    sidecar_url: str, index: str, corpus: Path, documents: int, dimension: int, chunk_size: int
+) -> list[dict[str, Any]]:
+    """`helpers.bulk` of the first `documents` of a BEIR corpus through the sidecar into two fresh
+    indexes of the sidecar's layout on the same node, side by side: one that embeds on write and
+    one whose mapping turns that off (plain pass-through). Both are deleted afterwards."""
+    from opensearchpy import helpers
+
+    from sidecar.indexing.corpus import read_corpus
+    from sidecar.indexing.templates import TEXT_FIELDS, VECTOR_FIELD, VectorOptions, create_index
+
+    docs = list(itertools.islice(read_corpus(corpus), documents))
+    client = OpenSearch(hosts=[sidecar_url], timeout=600)
+    rows = []
+    for embed_on_write in (True, False):
+        name = f"{index}-bulk-{'embed' if embed_on_write else 'plain'}"
+        create_index(client, name, VectorOptions(dimension=dimension))
+        client.indices.put_mapping(
+            index=name,
+            body={
+                "_meta": {
+                    "sidecar": {
+                        "embed_on_write": embed_on_write,
+                        "text_fields": list(TEXT_FIELDS),
+                        "vector_field": VECTOR_FIELD,
+                    }
+                }
+            },
+        )
+        try:
+            started = time.perf_counter()
+            ok, errors = helpers.bulk(
+                client,
+                (
+                    {"_index": name, "_id": d.id, "_source": {"title": d.title, "text": d.text}}
+                    for d in docs
+                ),
+                chunk_size=chunk_size,
+                raise_on_error=False,
+            )
+            elapsed_s = time.perf_counter() - started
+            client.indices.refresh(index=name)
+            with_vector = client.count(
+                index=name, body={"query": {"exists": {"field": VECTOR_FIELD}}}
+            )["count"]
+            rows.append(
+                {
+                    "embed_on_write": embed_on_write,
+                    "documents": len(docs),
+                    "indexed": ok,
+                    "errors": len(errors) if isinstance(errors, list) else errors,
+                    "with_vector": with_vector,
+                    "seconds": round(elapsed_s, 2),
+                    "docs_per_s": round(len(docs) / elapsed_s, 1),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        finally:
+            client.indices.delete(index=name, ignore_unavailable=True)
+            client.indices.delete_index_template(name=f"sidecar-hybrid-{name}", ignore=[404])
+    return rows

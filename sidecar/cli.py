@@ -137,7 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--index", required=True)
     bench.add_argument(
-        "--queries", type=Path, required=True, help="BEIR queries.jsonl or one query per line"
+        "--queries", type=Path, help="BEIR queries.jsonl or one query per line (load, model bench)"
     )
     bench.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
     bench.add_argument("--duration-s", type=float, default=20.0, help="per level")
@@ -152,8 +152,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also measure the reranker in-process: raw pairs/s, micro-batching vs naive predict, "
         "warm vs cold cache, dtypes x depths x lengths (needs --corpus)",
     )
-    bench.add_argument("--corpus", type=Path, help="BEIR corpus.jsonl for --model-bench documents")
-    bench.add_argument("--skip-load", action="store_true", help="only the in-process model figures")
+    bench.add_argument(
+        "--corpus", type=Path, help="BEIR corpus.jsonl for --model-bench and --bulk-docs documents"
+    )
+    bench.add_argument(
+        "--bulk-docs",
+        type=int,
+        help="also bulk-write this many corpus documents through the sidecar, with and without "
+        "embedding on write (two temporary indexes named after --index)",
+    )
+    bench.add_argument("--bulk-chunk", type=int, default=500, help="documents per _bulk request")
+    bench.add_argument(
+        "--skip-load", action="store_true", help="no query load, only the other figures"
+    )
     bench.add_argument("--out", type=Path, help="write the figures as JSON here")
     bench.set_defaults(handler=_bench)
 
@@ -363,6 +374,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.bench import benchmark, dump, print_table, read_queries
 
     results: dict[str, Any] = {}
+    if (not args.skip_load or args.model_bench) and args.queries is None:
+        raise ValueError("the query load and --model-bench need --queries")
     if not args.skip_load:
         results["load"] = benchmark(
             url=args.sidecar_url or _local_sidecar(settings),
@@ -400,6 +413,19 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             candidates=args.candidates,
         )
         print(format_model_report(results["model"]))
+    if args.bulk_docs:
+        from sidecar.bench import bulk_write_benchmark
+
+        if args.corpus is None:
+            raise ValueError("--bulk-docs needs --corpus (documents to write)")
+        results["bulk"] = bulk_write_benchmark(
+            args.sidecar_url or _local_sidecar(settings),
+            args.index,
+            args.corpus,
+            args.bulk_docs,
+            BiEncoder.from_settings(settings).dimension,
+            args.bulk_chunk,
+        )
     if args.out:
         dump(results, args.out)
     return 0

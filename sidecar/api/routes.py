@@ -22,7 +22,7 @@ from sidecar.api.schemas import parse_json_object, parse_rerank_ext, parse_searc
 from sidecar.logging import log_stage, request_id_var
 from sidecar.pipeline import RankedHit, RerankReport, Timings
 from sidecar.retrieval.fusion import Candidate, SourceRank
-from sidecar.retrieval.profiles import IndexProfile, read_text
+from sidecar.retrieval.profiles import IndexProfile, ProfileError, read_text
 from sidecar.services import Services
 from sidecar.write_path import Fetch
 
@@ -196,8 +196,15 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
             f"[from] + [size] ({offset + size}) must not exceed [ext.rerank.window] ({rerank_ext.window})"
         )
     index = request.match_info.get("index")
-    profile = await services.pipeline.profiles.resolve(index or "_all", need_vector=False)
-    document_fields = rerank_ext.document_fields or profile.document_fields
+    try:
+        profile = await services.pipeline.profiles.resolve(index or "_all", need_vector=False)
+        document_fields = rerank_ext.document_fields or profile.document_fields
+        max_chars = profile.max_chars_per_field
+    except ProfileError:
+        # No profile can be made (e.g. no text field is mapped): the request's own fields do.
+        if rerank_ext.document_fields is None:
+            raise
+        document_fields, max_chars = rerank_ext.document_fields, None
     remaining_ext = {key: value for key, value in ext.items() if key != "rerank"}
     upstream_body = {key: value for key, value in body.items() if key != "ext"}
     upstream_body.update(size=rerank_ext.window, **{"from": 0})
@@ -228,7 +235,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         )
         for hit in original
     ]
-    texts = [_hit_text(hit, document_fields, profile.max_chars_per_field) for hit in original]
+    texts = [_hit_text(hit, document_fields, max_chars) for hit in original]
     ranked, report = await services.pipeline.rerank(
         rerank_ext.query_text,
         candidates,

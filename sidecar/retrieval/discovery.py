@@ -75,16 +75,20 @@ class ProfileResolver:
 
     async def check_configured(self) -> None:
         """At start: every profile configured for an exact index name that exists must agree with
-        its mapping. Raises ProfileError naming both sides (patterns are checked on first use)."""
+        its mapping. Raises ProfileError naming both sides (patterns, and indexes that do not
+        exist or cannot be read yet, are checked on first use)."""
         for name in self._configs:
             if any(c in name for c in "*?[,"):
                 continue
             try:
                 await self.resolve(name)
             except UpstreamError as error:
-                if error.status != 404:
-                    raise
-                log.info("profile for index %r: the index does not exist yet", name)
+                # Not there yet, or the cluster not reachable: checked again on first use.
+                log.warning(
+                    "profile for index %r not checked against its mapping (OpenSearch answered %s)",
+                    name,
+                    error.status,
+                )
 
     async def _mapping(self, index: str) -> MappingInfo:
         if (cached := self._mappings.get(index)) is not None:

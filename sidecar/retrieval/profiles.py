@@ -87,7 +87,7 @@ class MappingInfo:
                 if kind not in _NOT_FILTERABLE_TYPES and spec.get("index", True) is not False:
                     filterable.add(path)
                     filterable.update(f"{path}.{sub}" for sub in spec.get("fields", {}))
-            for path in set(vectors) | set(found):
+            for path in dict.fromkeys([*vectors, *found]):  # in mapping order
                 if position == 0:
                     vectors[path] = found.get(path)
                 elif vectors.get(path) != found.get(path):

@@ -23,7 +23,11 @@ class RunningSidecar:
     def __init__(self, app: web.Application) -> None:
         self._loop = asyncio.new_event_loop()
         self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
+        try:
+            self._loop.run_until_complete(self._runner.setup())
+        except BaseException:
+            self._loop.close()
+            raise
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         self._loop.run_until_complete(site.start())
         host, port = self._runner.addresses[0][:2]

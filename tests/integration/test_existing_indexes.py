@@ -19,7 +19,12 @@ from sidecar.config import ProfileConfig, SettingsError, parse_profiles
 from sidecar.embedding import BiEncoder
 from sidecar.indexing.corpus import read_corpus
 from sidecar.indexing.sample import write_sample_corpus
-from sidecar.retrieval.queries import build_lexical_search, build_vector_search
+from sidecar.retrieval.profiles import IndexProfile, MappingInfo, build_profile, match_profile
+from sidecar.retrieval.queries import (
+    build_lexical_search,
+    build_vector_search,
+    combine_filters,
+)
 from tests.integration.conftest import Cluster, profile_of
 from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 from tests.integration.test_sidecar import post, ranks_alone
@@ -100,13 +105,21 @@ def get(url: str) -> tuple[int, dict[str, Any]]:
 
 
 def assert_provenance_exact(
-    answer: dict[str, Any], cluster: Cluster, encoder: BiEncoder, index: str, candidates: int
+    answer: dict[str, Any],
+    cluster: Cluster,
+    encoder: BiEncoder,
+    profile: IndexProfile,
+    index: str,
+    candidates: int,
 ) -> None:
-    profile = profile_of(cluster, index, encoder)
-    lexical = ranks_alone(cluster, build_lexical_search(profile, QUERY, candidates), index)
+    """Each hit's per-retriever rank and score equal those of each subquery run alone."""
+    filter_clause = combine_filters(profile, None)
+    lexical = ranks_alone(
+        cluster, build_lexical_search(profile, QUERY, candidates, filter_clause), index
+    )
     vector = ranks_alone(
         cluster,
-        build_vector_search(profile, QUERY, encoder.embed([QUERY])[0], candidates),
+        build_vector_search(profile, QUERY, encoder.embed([QUERY])[0], candidates, filter_clause),
         index,
     )
     for hit in answer["hits"]:
@@ -136,7 +149,8 @@ def test_discovered_profile_serves_a_foreign_index_with_exact_provenance(
     assert answer["candidate_sources"]["both"] > 0
     assert all("vec" not in hit["source"] for hit in answer["hits"]), "the vector never comes back"
     assert all(hit["source"]["body"]["en"] for hit in answer["hits"])
-    assert_provenance_exact(answer, opensearch, encoder, foreign_index, 30)
+    profile = profile_of(opensearch, foreign_index, encoder)
+    assert_provenance_exact(answer, opensearch, encoder, profile, foreign_index, 30)
     status, reranked, _ = post(f"{discovering_sidecar.url}/v1/search", body)
     assert status == 200, reranked
     assert reranked["rerank"]["applied"] is True
@@ -180,36 +194,67 @@ def test_filter_on_the_foreign_index(
     assert "'sectoin'" in refused["error"]["reason"]
 
 
-def test_configured_profile_with_boosts_and_its_own_rerank_fields(
+CONFIGURED = {
+    "test-foreign-*": {
+        "lexical": {"fields": ["headline^3", "body.en"], "tie_breaker": 0.2},
+        "vector": {"field": "vec"},
+        "rerank": {"document_fields": ["headline"], "max_chars_per_field": 40},
+        "default_filter": {"term": {"section": "even"}},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def configured_sidecar(
     opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path, foreign_index: str
+) -> Iterator[RunningSidecar]:
+    with running_sidecar(
+        opensearch.url, tiny_cross_encoder, encoder, profiles=parse_profiles(CONFIGURED)
+    ) as server:
+        yield server
+
+
+def test_configured_profile_shows_its_origins(
+    configured_sidecar: RunningSidecar, foreign_index: str
 ) -> None:
-    profiles = parse_profiles(
-        {
-            "test-foreign-*": {
-                "lexical": {"fields": ["headline^3", "body.en"], "tie_breaker": 0.2},
-                "vector": {"field": "vec"},
-                "rerank": {"document_fields": ["headline"], "max_chars_per_field": 40},
-                "default_filter": {"term": {"section": "even"}},
-            }
-        }
+    status, profile = get(f"{configured_sidecar.url}/v1/indexes/{foreign_index}/profile")
+    assert status == 200, profile
+    assert profile["profile"] == "test-foreign-*"
+    assert profile["lexical"]["fields"] == ["headline^3", "body.en"]
+    assert profile["origins"]["lexical.fields"] == "config"
+    assert profile["origins"]["rerank.document_fields"] == "config"
+    assert profile["origins"]["vector"] == "config"
+
+
+@pytest.mark.parametrize("fusion", ["convex", "rrf", "server"])
+def test_configured_profile_with_boosts_filter_and_its_own_rerank_fields(
+    configured_sidecar: RunningSidecar,
+    opensearch: Cluster,
+    encoder: BiEncoder,
+    tiny_cross_encoder: Path,
+    foreign_index: str,
+    fusion: str,
+) -> None:
+    body = {"index": foreign_index, "query": QUERY, "k": 20, "candidates": 20, "fusion": fusion}
+    status, answer, _ = post(f"{configured_sidecar.url}/v1/search", body | {"rerank": False})
+    assert status == 200, answer
+    assert {hit["source"]["section"] for hit in answer["hits"]} == {"even"}
+    configured = parse_profiles(CONFIGURED)
+    profile = build_profile(
+        foreign_index,
+        match_profile(configured, foreign_index),
+        MappingInfo.from_response(opensearch.client.indices.get_mapping(index=foreign_index)),
+        local_model=encoder.model_name,
+        local_dimensions={encoder.model_name: encoder.dimension},
+        allow_lexical_only=False,
     )
-    with running_sidecar(opensearch.url, tiny_cross_encoder, encoder, profiles=profiles) as server:
-        status, profile = get(f"{server.url}/v1/indexes/{foreign_index}/profile")
-        assert status == 200, profile
-        assert profile["profile"] == "test-foreign-*"
-        assert profile["lexical"]["fields"] == ["headline^3", "body.en"]
-        assert profile["origins"]["lexical.fields"] == "config"
-        assert profile["origins"]["rerank.document_fields"] == "config"
-        status, answer, _ = post(
-            f"{server.url}/v1/search",
-            {"index": foreign_index, "query": QUERY, "k": 10, "candidates": 20, "fusion": "rrf"},
-        )
-        assert status == 200, answer
-        assert {hit["source"]["section"] for hit in answer["hits"]} == {"even"}
-        model = CrossEncoder(str(tiny_cross_encoder), device="cpu", max_length=128)
-        pairs = [(QUERY, hit["source"]["headline"][:40]) for hit in answer["hits"]]
-        own = model.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True)
-        assert [h["rerank_score"] for h in answer["hits"]] == pytest.approx(own.tolist(), abs=1e-4)
+    assert_provenance_exact(answer, opensearch, encoder, profile, foreign_index, 20)
+    status, reranked, _ = post(f"{configured_sidecar.url}/v1/search", body | {"k": 10})
+    assert status == 200, reranked
+    model = CrossEncoder(str(tiny_cross_encoder), device="cpu", max_length=128)
+    pairs = [(QUERY, hit["source"]["headline"][:40]) for hit in reranked["hits"]]
+    own = model.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True)
+    assert [h["rerank_score"] for h in reranked["hits"]] == pytest.approx(own.tolist(), abs=1e-4)
 
 
 def test_profile_disagreeing_with_the_mapping_is_refused_at_start(

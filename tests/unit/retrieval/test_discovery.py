@@ -1,0 +1,92 @@
+"""ProfileResolver: mappings read once per TTL and again after invalidation; profiles of exact
+index names checked at start. The cluster is a fake here (pure logic)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sidecar.config import parse_profiles
+from sidecar.retrieval.discovery import ProfileResolver
+from sidecar.retrieval.opensearch import UpstreamError, error_body
+from sidecar.retrieval.profiles import ProfileError
+
+MAPPING = {
+    "mappings": {
+        "properties": {
+            "body": {"type": "text"},
+            "vec": {"type": "knn_vector", "dimension": 4},
+        }
+    }
+}
+
+
+class FakeUpstream:
+    def __init__(self, status: int | None = None) -> None:
+        self.calls: list[str] = []
+        self.status = status
+
+    async def mapping(self, index: str) -> dict[str, Any]:
+        self.calls.append(index)
+        if self.status is not None:
+            raise UpstreamError(self.status, error_body(self.status, "x", "refused"))
+        if index != "docs":
+            raise UpstreamError(404, error_body(404, "index_not_found_exception", index))
+        return {"docs": MAPPING}
+
+
+def resolver(upstream: FakeUpstream, tables: dict[str, Any] | None = None) -> ProfileResolver:
+    return ProfileResolver(
+        parse_profiles(tables or {}),
+        upstream,  # type: ignore[arg-type]
+        local_model="m",
+        local_dimensions={"m": 4},
+        allow_lexical_only=False,
+        mapping_ttl_s=60,
+    )
+
+
+def test_a_mapping_is_read_once_and_again_after_invalidation() -> None:
+    upstream = FakeUpstream()
+    profiles = resolver(upstream)
+
+    async def run() -> None:
+        first = await profiles.resolve("docs")
+        assert (first.vector_field, first.lexical_fields) == ("vec", ("body",))
+        await profiles.resolve("docs")
+        assert upstream.calls == ["docs"]
+        profiles.invalidate("docs")
+        await profiles.resolve("docs")
+        assert upstream.calls == ["docs", "docs"]
+
+    asyncio.run(run())
+
+
+def test_unknown_index_is_the_clusters_own_404() -> None:
+    with pytest.raises(UpstreamError) as refused:
+        asyncio.run(resolver(FakeUpstream()).resolve("absent"))
+    assert refused.value.status == 404
+
+
+def test_a_mismatching_profile_is_refused_at_start() -> None:
+    profiles = resolver(FakeUpstream(), {"docs": {"vector": {"field": "body"}}})
+    with pytest.raises(ProfileError, match=r"'body'.*vec \(knn_vector, dimension 4\)"):
+        asyncio.run(profiles.check_configured())
+
+
+def test_start_does_not_depend_on_the_cluster_answering() -> None:
+    profiles = resolver(FakeUpstream(status=502), {"docs": {}, "logs-*": {}})
+    asyncio.run(profiles.check_configured())  # checked again on first use
+
+
+def test_writes_to_a_missing_index_embed_only_with_a_configured_vector_field() -> None:
+    assert asyncio.run(resolver(FakeUpstream()).for_write("new")) is None
+    configured = resolver(
+        FakeUpstream(),
+        {"new": {"vector": {"field": "vec"}, "embed_on_write": True, "lexical": {"fields": ["b"]}}},
+    )
+    profile = asyncio.run(configured.for_write("new"))
+    assert profile is not None
+    assert (profile.vector_field, profile.embed_on_write) == ("vec", True)

@@ -14,7 +14,7 @@ from yarl import URL
 
 from sidecar import __version__
 from sidecar.api import proxy
-from sidecar.api.routes import SERVICES, add_routes, edge
+from sidecar.api.routes import add_routes, edge
 from sidecar.config import Settings, SettingsError
 from sidecar.embedding import BiEncoder, EncoderPool
 from sidecar.metrics import Metrics
@@ -26,7 +26,7 @@ from sidecar.rerank.reranker import Reranker
 from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import ProfileError
-from sidecar.services import Services
+from sidecar.services import SERVICES, Services
 from sidecar.write_path import WritePath
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp import web
 from yarl import URL
 
 from sidecar.config import Settings
@@ -31,3 +32,6 @@ class Services:
     @property
     def models_loaded(self) -> bool:
         return self.batcher.running
+
+
+SERVICES = web.AppKey("services", Services)

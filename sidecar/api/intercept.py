@@ -1,0 +1,167 @@
+"""The OpenSearch-compatible `_search` interception: a `_search` whose body carries `ext.rerank` runs
+the caller's own query upstream and is reranked; any other `_search` passes through untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.api import proxy
+from sidecar.api.errors import bad_request
+from sidecar.api.responses import (
+    ROUTE_LABEL,
+    finite,
+    forward_upstream,
+    json_response,
+    rerank_report,
+)
+from sidecar.api.schemas import parse_rerank_ext
+from sidecar.logging import log_stage
+from sidecar.pipeline import Timings
+from sidecar.retrieval.fusion import Candidate
+from sidecar.retrieval.profiles import ProfileError, read_text
+from sidecar.services import SERVICES
+
+
+async def intercept_search(request: web.Request) -> web.StreamResponse:
+    """`_search` with `ext.rerank` is reranked; any other `_search` passes through untouched."""
+    services = request.app[SERVICES]
+    settings = services.settings
+    raw = await proxy.read_body(request, settings.max_body_bytes) if request.can_read_body else b""
+    try:
+        body = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        body = None
+    ext = body.get("ext") if isinstance(body, dict) else None
+    if not (isinstance(body, dict) and isinstance(ext, dict) and "rerank" in ext):
+        request[ROUTE_LABEL] = "proxy"
+        return await forward_upstream(request, raw)
+
+    started = time.perf_counter()
+    deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+    rerank_ext = parse_rerank_ext(ext["rerank"], settings)
+    offset, size = _non_negative(body, "from", 0), _non_negative(body, "size", 10)
+    if offset + size > rerank_ext.window:
+        raise bad_request(
+            f"[from] + [size] ({offset + size}) must not exceed [ext.rerank.window] ({rerank_ext.window})"
+        )
+    index = request.match_info.get("index")
+    try:
+        profile = await services.pipeline.profiles.resolve(index or "_all", need_vector=False)
+        document_fields = rerank_ext.document_fields or profile.document_fields
+        max_chars = profile.max_chars_per_field
+    except ProfileError:
+        # No profile can be made (e.g. no text field is mapped): the request's own fields do.
+        if rerank_ext.document_fields is None:
+            raise
+        document_fields, max_chars = rerank_ext.document_fields, None
+    remaining_ext = {key: value for key, value in ext.items() if key != "rerank"}
+    upstream_body = {key: value for key, value in body.items() if key != "ext"}
+    upstream_body.update(size=rerank_ext.window, **{"from": 0})
+    # The reranker reads the document fields whatever `_source` the caller asked for: they come
+    # back under each hit's `fields`, and are taken out again before the caller sees the hits.
+    asked_fields = body.get("fields")
+    added_fields: list[str] = []
+    if asked_fields is None or isinstance(asked_fields, list):
+        named = {f for f in asked_fields or [] if isinstance(f, str)}
+        added_fields = [f for f in document_fields if f not in named]
+        upstream_body["fields"] = [*(asked_fields or []), *added_fields]
+    if remaining_ext:
+        upstream_body["ext"] = remaining_ext
+    timings = Timings(services.pipeline.metrics)
+    stage = time.perf_counter()
+    response = await services.upstream.search(index, upstream_body, dict(request.query))
+    log_stage(
+        "retrieve", timings.record("retrieve", stage), candidates=len(response["hits"]["hits"])
+    )
+    original = response["hits"]["hits"]
+    candidates = [
+        Candidate(
+            id=hit["_id"],
+            source=hit.get("_source") or {},
+            fused_score=float(hit["_score"]) if isinstance(hit.get("_score"), int | float) else 0.0,
+            lexical=None,
+            vector=None,
+        )
+        for hit in original
+    ]
+    texts = [_hit_text(hit, document_fields, max_chars) for hit in original]
+    ranked, report = await services.pipeline.rerank(
+        rerank_ext.query_text,
+        candidates,
+        texts,
+        offset + size,
+        True,
+        settings.truncation,
+        deadline,
+        timings,
+    )
+    caller_patterns = [f for f in asked_fields or [] if isinstance(f, str)]
+    page = ranked[offset : offset + size]
+    hits = []
+    for hit in page:
+        entry = _without_fields(original[hit.first_stage_rank - 1], added_fields, caller_patterns)
+        entry["_rerank"] = {
+            "first_stage_score": entry.get("_score"),
+            "first_stage_rank": hit.first_stage_rank,
+            "rerank_score": finite(hit.rerank_score),
+        }
+        if hit.empty_text:
+            entry["_rerank"]["empty_text"] = True
+        entry["_score"] = finite(hit.score)
+        hits.append(entry)
+    response["hits"]["hits"] = hits
+    response["hits"]["max_score"] = max(
+        (h["_score"] for h in hits if h["_score"] is not None), default=None
+    )
+    total_s = timings.record("total", started)
+    log_stage("total", total_s, hits=len(hits))
+    response["took"] = round(total_s * 1000)
+    response.setdefault("ext", {})["rerank"] = rerank_report(report)
+    return json_response(response)
+
+
+def _hit_text(hit: dict[str, Any], document_fields: tuple[str, ...], max_chars: int | None) -> str:
+    """What the reranker reads of an intercepted hit: each field from the hit's `fields` (what
+    OpenSearch retrieved for it), else from its `_source`."""
+    fields, source = hit.get("fields"), hit.get("_source")
+    fields = fields if isinstance(fields, dict) else {}
+    source = source if isinstance(source, dict) else {}
+    return " ".join(
+        text
+        for name in document_fields
+        if (text := read_text(fields if name in fields else source, [name], max_chars))
+    )
+
+
+def _without_fields(
+    hit: dict[str, Any], added: list[str], caller_patterns: list[str]
+) -> dict[str, Any]:
+    """The hit as the caller's own request would have returned it: without the `fields` entries
+    the sidecar asked for (unless one of the caller's own `fields` patterns names them)."""
+    entry = dict(hit)
+    fields = entry.get("fields")
+    if not added or not isinstance(fields, dict):
+        return entry
+    kept = {
+        name: value
+        for name, value in fields.items()
+        if name not in added or any(fnmatch.fnmatchcase(name, p) for p in caller_patterns)
+    }
+    if kept:
+        entry["fields"] = kept
+    else:
+        del entry["fields"]
+    return entry
+
+
+def _non_negative(body: dict[str, Any], key: str, default: int) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise bad_request(f"[{key}] must be a non-negative integer")
+    return value

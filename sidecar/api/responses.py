@@ -1,0 +1,58 @@
+"""How handlers answer: JSON bodies (scores kept finite), the rerank report, and forwarding a
+request to OpenSearch through the pass-through session."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.api import proxy
+from sidecar.pipeline import RerankReport
+from sidecar.services import SERVICES
+
+# Set by a handler whose request ends up elsewhere than its route says (intercept -> proxy).
+ROUTE_LABEL = web.RequestKey("route_label", str)
+
+
+async def forward_upstream(
+    request: web.Request, body: bytes | None = None, *, decoded: bool = False
+) -> web.StreamResponse:
+    """`request` to OpenSearch through the pass-through session (see proxy.forward)."""
+    services = request.app[SERVICES]
+    return await proxy.forward(
+        request,
+        services.session,
+        services.upstream_url,
+        services.settings.max_body_bytes,
+        services.pipeline.metrics,
+        body,
+        decoded=decoded,
+    )
+
+
+def rerank_report(report: RerankReport) -> dict[str, Any]:
+    return {
+        "applied": report.applied,
+        "model": report.model,
+        "device": report.device,
+        "dtype": report.dtype,
+        "cache_hits": report.cache_hits,
+        "pairs_scored": report.pairs_scored,
+        "fail_open": report.fail_open,
+        "reason": report.reason,
+        "empty_text": report.empty_text,
+    }
+
+
+def finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: such scores are reported as null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def json_response(body: dict[str, Any]) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, allow_nan=False).encode(), content_type="application/json"
+    )

@@ -1,0 +1,86 @@
+"""Write routes: `_doc`, `_create`, `_update` and `_bulk` requests are handed to the write path
+(which adds vectors for embed-on-write indexes), then forwarded; other methods on these paths
+pass through."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.api import proxy
+from sidecar.api.errors import ApiError
+from sidecar.api.responses import forward_upstream
+from sidecar.services import SERVICES
+from sidecar.write_path import Fetch
+
+
+async def write_document(request: web.Request) -> web.StreamResponse:
+    """`_doc`/`_create`: the document gets its vector if its index embeds on write."""
+    body = await _write_body(request)
+    enriched = await request.app[SERVICES].writes.document(request.match_info["index"], body)
+    return await _forward_write(request, body, enriched)
+
+
+async def write_update(request: web.Request) -> web.StreamResponse:
+    """`_update`: its `doc`/`upsert` get their vector if the index embeds on write."""
+    services = request.app[SERVICES]
+    body = await _write_body(request)
+    enriched = await services.writes.update(
+        request.match_info["index"],
+        request.match_info["id"],
+        request.query.get("routing"),
+        body,
+        _stored_documents(request),
+    )
+    return await _forward_write(request, body, enriched)
+
+
+async def write_bulk(request: web.Request) -> web.StreamResponse:
+    """`_bulk`: documents bound for embed-on-write indexes get their vectors, in batches."""
+    services = request.app[SERVICES]
+    body = await _write_body(request)
+    enriched = await services.writes.bulk(
+        request.match_info.get("index"), body, _stored_documents(request)
+    )
+    return await _forward_write(request, body, enriched)
+
+
+async def _write_body(request: web.Request) -> bytes:
+    """The write's body as the write path reads it: aiohttp has inflated a gzip- or
+    deflate-encoded one already."""
+    return await proxy.read_body(request, request.app[SERVICES].settings.max_body_bytes)
+
+
+async def _forward_write(
+    request: web.Request, body: bytes, enriched: bytes | None
+) -> web.StreamResponse:
+    """Forward the enriched body, or the body as it came when nothing was added; either way
+    inflated, so without the Content-Encoding it came in."""
+    return await forward_upstream(
+        request,
+        body if enriched is None else enriched,
+        decoded="Content-Encoding" in request.headers,
+    )
+
+
+def _stored_documents(request: web.Request) -> Fetch:
+    """Reads stored documents for partial updates with the caller's own identity."""
+    services = request.app[SERVICES]
+
+    async def fetch(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        answer = await proxy.fetch_json(
+            request,
+            services.session,
+            services.upstream_url,
+            services.pipeline.metrics,
+            "POST",
+            "/_mget",
+            {"docs": docs},
+        )
+        found = answer.get("docs")
+        if not (isinstance(found, list) and len(found) == len(docs)):
+            raise ApiError(502, "upstream_error", "OpenSearch answered _mget with no docs")
+        return found
+
+    return fetch

@@ -24,6 +24,7 @@ from sidecar.rerank.batcher import BatchLimits, MicroBatcher
 from sidecar.rerank.cache import ScoreCache
 from sidecar.rerank.reranker import Reranker
 from sidecar.retrieval.discovery import ProfileResolver
+from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import ProfileError
 from sidecar.services import SERVICES, Services
@@ -49,6 +50,7 @@ def create_app(
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        identity = upstream_identity(settings)  # before anything is started: it may refuse
         # One thread each: the model thread runs batches back to back; tokenizing and query
         # embedding never queue behind a model call.
         model_executor = ThreadPoolExecutor(1, thread_name_prefix="rerank-model")
@@ -89,7 +91,7 @@ def create_app(
             reranker_backend.score, limits, model_executor, metrics.observe_batch
         )
         await batcher.start()
-        upstream = Upstream(settings.opensearch_url, settings.upstream_timeout_s, metrics)
+        upstream = Upstream(settings.opensearch_url, settings.upstream_timeout_s, metrics, identity)
         session = proxy.create_session(settings.upstream_timeout_s)
         try:
             profiles = ProfileResolver(
@@ -122,6 +124,7 @@ def create_app(
                 upstream=upstream,
                 session=session,
                 upstream_url=URL(settings.opensearch_url).with_user(None),
+                identity=identity,
                 batcher=batcher,
             )
             metrics.build_info.labels(
@@ -163,6 +166,19 @@ def gpu_memory_reader(device: str) -> Callable[[], float] | None:
     import torch
 
     return lambda: float(torch.cuda.memory_allocated(device))
+
+
+def upstream_identity(settings: Settings) -> UpstreamIdentity:
+    """Raises SettingsError when the identity settings cannot work together."""
+    try:
+        return UpstreamIdentity.build(
+            settings.upstream_identity,
+            settings.forward_headers,
+            settings.service_username,
+            settings.service_password_value(),
+        )
+    except ValueError as error:
+        raise SettingsError(f"upstream identity: {error}") from None
 
 
 def _load_encoder(settings: Settings, model: str) -> BiEncoder:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from sidecar.device import DTYPES
 from sidecar.scoring import Normalization
@@ -29,6 +29,7 @@ NODE_ENV_PREFIX = "SIDECAR_OPENSEARCH_"
 CONFIG_FILE_VARIABLE = "SIDECAR_CONFIG_FILE"
 
 FailMode = Literal["open", "closed"]
+IdentityMode = Literal["forward", "service"]
 Truncation = Literal["first", "max_chunk"]
 Embedding = Literal["local", "neural", "none"]
 MatchType = Literal["best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix"]
@@ -219,6 +220,19 @@ class Settings:
     allow_lexical_only: bool = False
     # How long a discovered index mapping is reused before it is read again.
     mapping_cache_ttl_s: float = 60.0
+    # Identity of upstream calls made for a caller: `forward` sends the caller's own allowlisted
+    # headers (and nothing else of theirs that could identify them); `service` sends the
+    # sidecar's credentials for every caller, who then all share one identity.
+    upstream_identity: IdentityMode = "forward"
+    # Caller headers forwarded upstream in `forward` mode (case-insensitive; comma-separated in
+    # the environment), e.g. authorization,securitytenant. Impersonation headers
+    # (opendistro_security_impersonate_as, x-proxy-*) pass only when listed here.
+    forward_headers: tuple[str, ...] = ("authorization",)
+    # The sidecar's own basic-auth credentials: its own calls (readiness, mapping discovery)
+    # and, in `service` mode, every call. The password from the variable or from a file.
+    service_username: str | None = None
+    service_password: SecretStr | None = None
+    service_password_file: Path | None = None
     # Index profiles by index name or pattern (config file `[profiles."..."]` tables only).
     profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
     # Downloaded OpenSearch artifacts are cached here.
@@ -272,6 +286,18 @@ class Settings:
             self.default_candidates <= self.max_candidates,
             "SIDECAR_DEFAULT_CANDIDATES must not exceed SIDECAR_MAX_CANDIDATES",
         )
+        _require(
+            all(re.fullmatch(r"[A-Za-z0-9_!#$%&'*+.^`|~-]+", h) for h in self.forward_headers),
+            f"SIDECAR_FORWARD_HEADERS must be header names, got {', '.join(self.forward_headers)!r}",
+        )
+        _require(
+            self.service_password is None or self.service_password_file is None,
+            "set SIDECAR_SERVICE_PASSWORD or SIDECAR_SERVICE_PASSWORD_FILE, not both",
+        )
+        _require(
+            self.upstream_identity != "service" or self.service_username is not None,
+            "SIDECAR_UPSTREAM_IDENTITY=service needs SIDECAR_SERVICE_USERNAME (and a password)",
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -307,10 +333,27 @@ class Settings:
         )
         return settings
 
+    def service_password_value(self) -> str | None:
+        """The service password, read from its file when one is named (trailing newline off).
+
+        Raises SettingsError when the file cannot be read."""
+        if self.service_password is not None:
+            return self.service_password.get_secret_value()
+        if self.service_password_file is None:
+            return None
+        try:
+            return self.service_password_file.read_text().rstrip("\r\n")
+        except OSError as error:
+            raise SettingsError(
+                f"SIDECAR_SERVICE_PASSWORD_FILE: cannot read {self.service_password_file}: "
+                f"{error.strerror}"
+            ) from None
+
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain values, with credentials in URLs masked, for logging."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["opensearch_url"] = re.sub(r"//[^/@]+@", "//***@", self.opensearch_url)
+        values["service_password"] = None if self.service_password is None else "***"
         values["local_node"] = {
             f.name: _plain(getattr(self.local_node, f.name)) for f in fields(self.local_node)
         }
@@ -326,6 +369,8 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
     return str(value) if isinstance(value, Path) else value
 
 
@@ -391,4 +436,9 @@ def _parse(raw: Any, hint: Any) -> Any:
         return hint(raw)
     if hint is Path:
         return Path(str(raw)).expanduser()
+    if hint is SecretStr:
+        return SecretStr(str(raw))
+    if typing.get_origin(hint) is tuple:
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        return tuple(str(item).strip() for item in items if str(item).strip())
     return str(raw)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -54,6 +54,8 @@ class SearchRequest:
     rerank_cache: bool = True
     # What the reranker reads; None: the index profile's document fields.
     document_fields: tuple[str, ...] | None = None
+    # The caller's identity headers for the upstream calls (UpstreamIdentity.for_caller).
+    caller_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ class SearchPipeline:
             fusion=request.fusion,
             weights=request.weights,
             filter=request.filter,
+            headers=request.caller_headers,
         )
         try:
             retrieved = await retrieve(self._upstream, first_stage)

@@ -12,6 +12,7 @@ from sidecar.config import Settings
 from sidecar.pipeline import SearchPipeline
 from sidecar.rerank.backend import ScoringPair
 from sidecar.rerank.batcher import MicroBatcher
+from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.write_path import WritePath
 
@@ -26,6 +27,8 @@ class Services:
     # Pass-through client (raw bytes) and its target, without credentials: clients bring their own.
     session: aiohttp.ClientSession
     upstream_url: URL
+    # Whose identity each upstream call carries.
+    identity: UpstreamIdentity
     # The reranker's batcher: readiness requires its loop to be alive.
     batcher: MicroBatcher[ScoringPair]
 

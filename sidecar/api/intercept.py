@@ -75,7 +75,12 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         upstream_body["ext"] = remaining_ext
     timings = Timings(services.pipeline.metrics)
     stage = time.perf_counter()
-    response = await services.upstream.search(index, upstream_body, dict(request.query))
+    response = await services.upstream.search(
+        index,
+        upstream_body,
+        dict(request.query),
+        headers=services.identity.for_caller(request.headers),
+    )
     log_stage(
         "retrieve", timings.record("retrieve", stage), candidates=len(response["hits"]["hits"])
     )

@@ -1,6 +1,7 @@
 """Pass-through: every request the sidecar does not handle goes to OpenSearch as it came, and the
-answer comes back as OpenSearch gave it — status, headers (Authorization included) and body bytes,
-streamed both ways. Only hop-by-hop headers are dropped, as any HTTP proxy must."""
+answer comes back as OpenSearch gave it — status, headers and body bytes, streamed both ways.
+Hop-by-hop headers are dropped, as any HTTP proxy must, and the caller's identity headers are
+what UpstreamIdentity lets through (Authorization in the default `forward` mode)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from yarl import URL
 from sidecar.api.errors import ApiError
 from sidecar.logging import request_id_var
 from sidecar.metrics import Metrics
+from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ async def forward(
     request: web.Request,
     session: aiohttp.ClientSession,
     upstream: URL,
+    identity: UpstreamIdentity,
     max_body_bytes: int,
     metrics: Metrics,
     body: bytes | None = None,
@@ -87,7 +90,7 @@ async def forward(
             body = await read_body(request, max_body_bytes)
         elif request.content_length > max_body_bytes:
             raise _too_large(max_body_bytes)
-    headers = _end_to_end(request.headers)
+    headers = identity.pass_through(_end_to_end(request.headers))
     if decoded:
         headers.popall("Content-Encoding", None)
     if body is not None:
@@ -140,15 +143,16 @@ async def fetch_json(
     request: web.Request,
     session: aiohttp.ClientSession,
     upstream: URL,
+    identity: UpstreamIdentity,
     metrics: Metrics,
     method: str,
     path: str,
     body: Any,
 ) -> dict[str, Any]:
-    """A JSON request made upstream on the caller's behalf, with the caller's own headers
-    (Authorization included): what it returns is what the caller may see. Raises ApiError 502
-    when OpenSearch does not answer, UpstreamError when it refuses."""
-    headers = _end_to_end(request.headers)
+    """A JSON request made upstream on the caller's behalf, with the caller's identity: what it
+    returns is what the caller may see. Raises ApiError 502 when OpenSearch does not answer,
+    UpstreamError when it refuses."""
+    headers = identity.pass_through(_end_to_end(request.headers))
     for name in ("Content-Length", "Content-Encoding", "Content-Type", "Accept-Encoding"):
         headers.popall(name, None)
     headers["Content-Type"] = "application/json"

@@ -26,6 +26,7 @@ async def forward_upstream(
         request,
         services.session,
         services.upstream_url,
+        services.identity,
         services.settings.max_body_bytes,
         services.pipeline.metrics,
         body,

@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -143,7 +144,10 @@ async def native_search(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     deadline = asyncio.get_running_loop().time() + services.settings.request_timeout_s
     body = parse_json_object(await proxy.read_body(request, services.settings.max_body_bytes))
-    search = parse_search_request(body, services.settings)
+    search = replace(
+        parse_search_request(body, services.settings),
+        caller_headers=services.identity.for_caller(request.headers),
+    )
     result = await services.pipeline.search(search, deadline)
     answer: dict[str, Any] = {
         "took": round(result.timings.values_ms["total"]),

@@ -73,6 +73,7 @@ def _stored_documents(request: web.Request) -> Fetch:
             request,
             services.session,
             services.upstream_url,
+            services.identity,
             services.pipeline.metrics,
             "POST",
             "/_mget",

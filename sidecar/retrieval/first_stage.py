@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sidecar.retrieval.fusion import (
@@ -46,6 +46,8 @@ class FirstStageQuery:
     # (lexical, vector); None: the mode's default (equal weights).
     weights: tuple[float, float] | None = None
     filter: Filter | None = None
+    # The identity headers of the caller the search is made for.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ async def retrieve(upstream: Upstream, query: FirstStageQuery) -> FirstStage:
     filter_clause = combine_filters(profile, query.filter)
     lexical_search = build_lexical_search(profile, query.text, query.candidates, filter_clause)
     if profile.embedding == "none":
-        (lexical,) = await upstream.msearch(query.index, [lexical_search])
+        (lexical,) = await upstream.msearch(query.index, [lexical_search], headers=query.headers)
         lexical_hits = _hits(lexical)
         return FirstStage(attach_provenance(lexical_hits, lexical_hits, []), lexical_hits, [])
     subqueries = [
@@ -80,13 +82,14 @@ async def retrieve(upstream: Upstream, query: FirstStageQuery) -> FirstStage:
             query.weights or (0.5, 0.5),
         )
         fused, (lexical, vector) = await asyncio.gather(
-            upstream.search(query.index, hybrid), upstream.msearch(query.index, subqueries)
+            upstream.search(query.index, hybrid, headers=query.headers),
+            upstream.msearch(query.index, subqueries, headers=query.headers),
         )
         lexical_hits, vector_hits = _hits(lexical), _hits(vector)
         return FirstStage(
             attach_provenance(_hits(fused), lexical_hits, vector_hits), lexical_hits, vector_hits
         )
-    lexical, vector = await upstream.msearch(query.index, subqueries)
+    lexical, vector = await upstream.msearch(query.index, subqueries, headers=query.headers)
     lexical_hits, vector_hits = _hits(lexical), _hits(vector)
     fuse = fuse_rrf if query.fusion == "rrf" else fuse_convex
     default_weights = (1.0, 1.0) if query.fusion == "rrf" else (0.5, 0.5)

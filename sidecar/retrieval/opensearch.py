@@ -13,6 +13,7 @@ from opensearchpy.exceptions import ConnectionError as TransportConnectionError
 from opensearchpy.exceptions import ConnectionTimeout, TransportError
 
 from sidecar.metrics import Metrics
+from sidecar.retrieval.identity import UpstreamIdentity
 
 
 class UpstreamError(Exception):
@@ -31,43 +32,65 @@ def error_body(status: int, error_type: str, reason: str) -> dict[str, Any]:
 
 
 class Upstream:
-    def __init__(self, url: str, timeout_s: float, metrics: Metrics) -> None:
+    """Searches made for a caller take that caller's identity headers (`headers`, from
+    UpstreamIdentity.for_caller); the sidecar's own calls (readiness, mappings) take its own."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        metrics: Metrics,
+        identity: UpstreamIdentity | None = None,
+    ) -> None:
         self.client = AsyncOpenSearch(hosts=[url], timeout=timeout_s, max_retries=0)
         self._metrics = metrics
+        self._own = identity.own() if identity is not None else {}
 
     async def close(self) -> None:
         await self.client.close()
 
     async def reachable(self) -> bool:
         try:
-            return bool(await self.client.ping())
+            return bool(await self.client.ping(headers=self._own))
         except TransportError:
             return False
 
     async def search(
-        self, index: str | None, body: Mapping[str, Any], params: Mapping[str, str] | None = None
+        self,
+        index: str | None,
+        body: Mapping[str, Any],
+        params: Mapping[str, str] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         async with self._measured("search"):
             response: dict[str, Any] = await self.client.search(
-                index=index, body=body, params=dict(params or {})
+                index=index, body=body, params=dict(params or {}), headers=dict(headers or {})
             )
         return response
 
     async def mapping(self, index: str) -> dict[str, Any]:
-        """`GET <index>/_mapping`: one entry per concrete index the expression names."""
+        """`GET <index>/_mapping` with the sidecar's own identity: one entry per concrete index
+        the expression names."""
         async with self._measured("mapping"):
-            response: dict[str, Any] = await self.client.indices.get_mapping(index=index)
+            response: dict[str, Any] = await self.client.indices.get_mapping(
+                index=index, headers=self._own
+            )
         return response
 
     async def msearch(
-        self, index: str, bodies: Sequence[Mapping[str, Any]]
+        self,
+        index: str,
+        bodies: Sequence[Mapping[str, Any]],
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """Run `bodies` against `index` in one round trip; any failed item fails the whole call."""
         lines: list[Mapping[str, Any]] = []
         for body in bodies:
             lines.extend(({"index": index}, body))
         async with self._measured("msearch"):
-            response = await self.client.msearch(body=lines)
+            response = await self.client.msearch(body=lines, headers=dict(headers or {}))
         results: list[dict[str, Any]] = response["responses"]
         for result in results:
             if "error" in result:

@@ -91,3 +91,46 @@ def test_cache_dir_follows_xdg() -> None:
 def test_bad_values_say_what_to_fix(name: str, value: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Settings.from_env({name: value})
+
+
+def test_identity_settings_from_the_environment(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    settings = Settings.from_env(
+        {
+            "SIDECAR_FORWARD_HEADERS": "Authorization, securitytenant",
+            "SIDECAR_SERVICE_USERNAME": "sidecar",
+            "SIDECAR_SERVICE_PASSWORD_FILE": str(secret),
+            "SIDECAR_UPSTREAM_IDENTITY": "service",
+        }
+    )
+    assert settings.forward_headers == ("Authorization", "securitytenant")
+    assert settings.service_password_value() == "s3cret"
+    assert settings.redacted()["forward_headers"] == ["Authorization", "securitytenant"]
+
+
+def test_the_service_password_is_masked_wherever_settings_are_shown() -> None:
+    settings = Settings.from_env(
+        {"SIDECAR_SERVICE_USERNAME": "sidecar", "SIDECAR_SERVICE_PASSWORD": "s3cret"}
+    )
+    assert settings.service_password_value() == "s3cret"
+    assert settings.redacted()["service_password"] == "***"
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings.redacted())
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"SIDECAR_UPSTREAM_IDENTITY": "service"}, "needs SIDECAR_SERVICE_USERNAME"),
+        ({"SIDECAR_FORWARD_HEADERS": "authorization,bad header"}, "must be header names"),
+        (
+            {"SIDECAR_SERVICE_PASSWORD": "a", "SIDECAR_SERVICE_PASSWORD_FILE": "/x"},
+            "not both",
+        ),
+        ({"SIDECAR_UPSTREAM_IDENTITY": "admin"}, "expected one of forward, service"),
+    ],
+)
+def test_identity_settings_that_cannot_work(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(environ)

@@ -22,8 +22,10 @@ from sidecar.api.errors import ApiError, error_response
 from sidecar.api.proxy import create_session, forward, read_body
 from sidecar.logging import request_id_var
 from sidecar.metrics import Metrics
+from sidecar.retrieval.identity import UpstreamIdentity
 
 METRICS = Metrics(CollectorRegistry())
+FORWARD = UpstreamIdentity.build("forward", ["authorization"])
 
 # Only a guard against hangs; nothing here waits that long when the proxy behaves.
 HANG_GUARD_S = 5.0
@@ -88,6 +90,7 @@ def front_app(
     max_body_bytes: int,
     request_id: str | None = None,
     settle_body: bool = False,
+    identity: UpstreamIdentity = FORWARD,
 ) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         if settle_body:
@@ -96,7 +99,7 @@ def front_app(
         if request_id is not None:
             request_id_var.set(request_id)
         try:
-            return await forward(request, session, upstream_url, max_body_bytes, METRICS)
+            return await forward(request, session, upstream_url, identity, max_body_bytes, METRICS)
         except ApiError as error:
             return error_response(error)
 
@@ -122,12 +125,13 @@ async def proxied(
     upstream_url: URL | None = None,
     request_id: str | None = None,
     settle_body: bool = False,
+    identity: UpstreamIdentity = FORWARD,
 ) -> AsyncIterator[Proxy]:
     async with TestServer(upstream.app(), host="127.0.0.1") as upstream_server:
         session = create_session(timeout_s=HANG_GUARD_S)
         try:
             target = upstream_url or upstream_server.make_url("/")
-            app = front_app(session, target, max_body_bytes, request_id, settle_body)
+            app = front_app(session, target, max_body_bytes, request_id, settle_body, identity)
             async with (
                 TestServer(app, host="127.0.0.1") as front,
                 aiohttp.ClientSession(auto_decompress=False) as client,
@@ -696,5 +700,59 @@ def test_read_body_refuses_an_undeclared_body_above_the_limit() -> None:
             await read_body(request, max_body_bytes=1024)
         assert caught.value.status == 413
         assert SIZE_LIMIT_REASON in caught.value.reason
+
+    run(scenario)
+
+
+# Identity headers
+
+
+def test_impersonation_headers_never_pass_unless_allowlisted() -> None:
+    async def scenario() -> None:
+        headers = {
+            "Authorization": "Basic dXNlcjpwdw==",
+            "opendistro_security_impersonate_as": "admin",
+            "X-Proxy-User": "admin",
+            "x-proxy-roles": "all_access",
+            "securitytenant": "global",
+        }
+        upstream = FakeUpstream()
+        async with (
+            proxied(upstream) as proxy,
+            proxy.client.get(proxy.url("/_search"), headers=headers) as answer,
+        ):
+            assert answer.status == 200
+        received = upstream.only().headers
+        assert received["Authorization"] == "Basic dXNlcjpwdw=="
+        assert received["securitytenant"] == "global", "other headers pass as before"
+        for name in ("opendistro_security_impersonate_as", "X-Proxy-User", "x-proxy-roles"):
+            assert name not in received
+        trusted = UpstreamIdentity.build("forward", ["authorization", "x-proxy-user"])
+        upstream = FakeUpstream()
+        async with (
+            proxied(upstream, identity=trusted) as proxy,
+            proxy.client.get(proxy.url("/_search"), headers=headers) as answer,
+        ):
+            assert answer.status == 200
+        received = upstream.only().headers
+        assert received["X-Proxy-User"] == "admin", "allowlisted by the operator"
+        assert "x-proxy-roles" not in received
+
+    run(scenario)
+
+
+def test_service_mode_replaces_the_callers_identity() -> None:
+    async def scenario() -> None:
+        service = UpstreamIdentity.build("service", ["authorization"], "sidecar", "s3cret")
+        upstream = FakeUpstream()
+        async with (
+            proxied(upstream, identity=service) as proxy,
+            proxy.client.get(
+                proxy.url("/_cat/indices"), headers={"Authorization": "Basic Y2FsbGVyOnB3"}
+            ) as answer,
+        ):
+            assert answer.status == 200
+        received = upstream.only().headers
+        assert received.getall("Authorization") == ["Basic c2lkZWNhcjpzM2NyZXQ="]
 
     run(scenario)

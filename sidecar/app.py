@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +28,7 @@ from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import ProfileError
+from sidecar.retrieval.tls import TlsError, client_context
 from sidecar.services import SERVICES, Services
 from sidecar.write_path import WritePath
 
@@ -50,7 +52,9 @@ def create_app(
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        identity = upstream_identity(settings)  # before anything is started: it may refuse
+        # Before anything is started: either may refuse the settings.
+        identity = upstream_identity(settings)
+        tls = upstream_tls(settings)
         # One thread each: the model thread runs batches back to back; tokenizing and query
         # embedding never queue behind a model call.
         model_executor = ThreadPoolExecutor(1, thread_name_prefix="rerank-model")
@@ -91,8 +95,10 @@ def create_app(
             reranker_backend.score, limits, model_executor, metrics.observe_batch
         )
         await batcher.start()
-        upstream = Upstream(settings.opensearch_url, settings.upstream_timeout_s, metrics, identity)
-        session = proxy.create_session(settings.upstream_timeout_s)
+        upstream = Upstream(
+            settings.opensearch_url, settings.upstream_timeout_s, metrics, identity, tls
+        )
+        session = proxy.create_session(settings.upstream_timeout_s, tls)
         try:
             profiles = ProfileResolver(
                 settings.profiles,
@@ -179,6 +185,20 @@ def upstream_identity(settings: Settings) -> UpstreamIdentity:
         )
     except ValueError as error:
         raise SettingsError(f"upstream identity: {error}") from None
+
+
+def upstream_tls(settings: Settings) -> ssl.SSLContext | None:
+    """Raises SettingsError when a TLS file cannot be used."""
+    try:
+        return client_context(
+            settings.opensearch_url,
+            ca_certs=settings.upstream_ca_certs,
+            client_cert=settings.upstream_client_cert,
+            client_key=settings.upstream_client_key,
+            verify=settings.upstream_verify_certs,
+        )
+    except TlsError as error:
+        raise SettingsError(str(error)) from None
 
 
 def _load_encoder(settings: Settings, model: str) -> BiEncoder:

@@ -215,6 +215,12 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     # Per-request timeout towards OpenSearch (pass-through and first stage).
     upstream_timeout_s: float = 30.0
+    # TLS towards an https cluster: a CA bundle (else the system trust store), a client
+    # certificate and key for mutual TLS, and verification (turning it off is logged at start).
+    upstream_ca_certs: Path | None = None
+    upstream_client_cert: Path | None = None
+    upstream_client_key: Path | None = None
+    upstream_verify_certs: bool = True
     # An index with no usable vector field: false refuses its searches with a 400 naming what
     # was found; true runs a lexical-only first stage, flagged in the response.
     allow_lexical_only: bool = False
@@ -289,6 +295,10 @@ class Settings:
         _require(
             all(re.fullmatch(r"[A-Za-z0-9_!#$%&'*+.^`|~-]+", h) for h in self.forward_headers),
             f"SIDECAR_FORWARD_HEADERS must be header names, got {', '.join(self.forward_headers)!r}",
+        )
+        _require(
+            self.upstream_client_key is None or self.upstream_client_cert is not None,
+            "SIDECAR_UPSTREAM_CLIENT_KEY needs SIDECAR_UPSTREAM_CLIENT_CERT",
         )
         _require(
             self.service_password is None or self.service_password_file is None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -46,13 +47,16 @@ _HOP_BY_HOP = frozenset(
 _NEVER_ADDED = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 
-def create_session(timeout_s: float) -> aiohttp.ClientSession:
+def create_session(
+    timeout_s: float, ssl_context: ssl.SSLContext | None = None
+) -> aiohttp.ClientSession:
     """The one upstream session: no automatic decompression (bodies pass byte-for-byte), a bounded
-    wait for each read, and no total timeout (large scrolls and bulk responses stream for long)."""
+    wait for each read, no total timeout (large scrolls and bulk responses stream for long), and
+    the cluster's TLS context."""
     return aiohttp.ClientSession(
         auto_decompress=False,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s),
-        connector=aiohttp.TCPConnector(limit=256),
+        connector=aiohttp.TCPConnector(limit=256, ssl=ssl_context if ssl_context else True),
     )
 
 
@@ -126,6 +130,9 @@ async def forward(
                 await response.write(chunk)
             await response.write_eof()
             return response
+    except aiohttp.ClientConnectorCertificateError as error:
+        log.warning("upstream TLS handshake failed: %s", error)
+        raise tls_refused() from error
     except (aiohttp.ClientConnectionError, TimeoutError) as error:
         log.warning("upstream request failed: %s", error)
         if response is not None and response.prepared:
@@ -182,6 +189,16 @@ async def fetch_json(
     if answer.status >= 400:
         raise UpstreamError(answer.status, decoded)
     return decoded
+
+
+def tls_refused() -> ApiError:
+    """The answer when OpenSearch's certificate is not trusted (a configuration problem)."""
+    return ApiError(
+        502,
+        "upstream_tls_error",
+        "OpenSearch's TLS certificate could not be verified; set SIDECAR_UPSTREAM_CA_CERTS to the "
+        "cluster's CA bundle",
+    )
 
 
 def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

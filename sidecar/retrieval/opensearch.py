@@ -4,13 +4,15 @@ from upstream failures to the status and OpenSearch-shaped body the sidecar answ
 from __future__ import annotations
 
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import aiohttp
 from opensearchpy import AsyncOpenSearch
 from opensearchpy.exceptions import ConnectionError as TransportConnectionError
-from opensearchpy.exceptions import ConnectionTimeout, TransportError
+from opensearchpy.exceptions import ConnectionTimeout, SSLError, TransportError
 
 from sidecar.metrics import Metrics
 from sidecar.retrieval.identity import UpstreamIdentity
@@ -41,8 +43,11 @@ class Upstream:
         timeout_s: float,
         metrics: Metrics,
         identity: UpstreamIdentity | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.client = AsyncOpenSearch(hosts=[url], timeout=timeout_s, max_retries=0)
+        self.client = AsyncOpenSearch(
+            hosts=[url], timeout=timeout_s, max_retries=0, ssl_context=ssl_context
+        )
         self._metrics = metrics
         self._own = identity.own() if identity is not None else {}
 
@@ -119,6 +124,14 @@ def _as_upstream_error(error: TransportError) -> UpstreamError:
         return UpstreamError(
             504, error_body(504, "upstream_timeout", "OpenSearch did not answer in time")
         )
+    # opensearch-py's async transport reports a failed handshake as a plain ConnectionError
+    # whose `info` is aiohttp's SSL error.
+    if isinstance(error, SSLError) or isinstance(error.info, ssl.SSLError | aiohttp.ClientSSLError):
+        reason = (
+            "OpenSearch's TLS certificate could not be verified; set SIDECAR_UPSTREAM_CA_CERTS "
+            "to the cluster's CA bundle"
+        )
+        return UpstreamError(502, error_body(502, "upstream_tls_error", reason))
     if isinstance(error, TransportConnectionError):
         return UpstreamError(
             502, error_body(502, "upstream_unreachable", "OpenSearch is unreachable")

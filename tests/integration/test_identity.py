@@ -5,6 +5,7 @@ pass-through, readiness and mapping discovery — in `forward` and in `service` 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,10 +33,12 @@ SERVICE_AUTHORIZATION = "Basic c2lkZWNhcjpzM2NyZXQ="  # sidecar:s3cret
 
 
 class RecordingProxy:
-    """Forwards every request to the node unchanged and records (method, path, headers)."""
+    """Forwards every request to the node unchanged and records (method, path, headers); with
+    `tls`, it answers on HTTPS (a TLS-terminating front of the real node)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, tls: ssl.SSLContext | None = None) -> None:
         self.target = target.rstrip("/")
+        self._tls = tls
         self.seen: list[tuple[str, str, CIMultiDict[str]]] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -49,9 +52,10 @@ class RecordingProxy:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._tls)
         self._loop.run_until_complete(site.start())
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        scheme = "https" if self._tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._runner.addresses[0][1]}"
         self._session = self._loop.run_until_complete(self._new_session())
         self._ready.set()
         self._loop.run_forever()

@@ -147,7 +147,7 @@ class SearchPipeline:
         """
         timings = Timings(self.metrics)
         started = time.perf_counter()
-        profile = await self.profiles.resolve(request.index)
+        profile = await self.profiles.resolve(request.index, request.caller_headers)
         if request.filter is not None:
             check_filter(profile, request.index, request.filter)
         vector = None

@@ -82,25 +82,40 @@ class WritePath:
         self._executor = executor
         self._metrics = metrics
 
-    async def document(self, index: str, body: bytes) -> bytes | None:
-        """An `_doc`/`_create` body with its vector added, or None to forward it unchanged."""
-        profile = await self._profiles.for_write(index)
+    async def document(
+        self, index: str, body: bytes, caller: Mapping[str, str] | None = None
+    ) -> bytes | None:
+        """An `_doc`/`_create` body with its vector added, or None to forward it unchanged.
+        `caller`: the writer's identity headers, which the index's mapping is read with."""
+        profile = await self._profiles.for_write(index, caller)
         if profile is None:
             return None
         return await self._apply([body], [_Item("index", index, None, None, profile, 0)], None)
 
     async def update(
-        self, index: str, doc_id: str, routing: str | None, body: bytes, fetch: Fetch
+        self,
+        index: str,
+        doc_id: str,
+        routing: str | None,
+        body: bytes,
+        fetch: Fetch,
+        caller: Mapping[str, str] | None = None,
     ) -> bytes | None:
         """An `_update` body with the vector of its `doc` (merged with the stored document when
         the update changes only some text fields) and of its `upsert`, or None if unchanged."""
-        profile = await self._profiles.for_write(index)
+        profile = await self._profiles.for_write(index, caller)
         if profile is None:
             return None
         item = _Item("update", index, doc_id, routing, profile, 0)
         return await self._apply([body], [item], fetch)
 
-    async def bulk(self, default_index: str | None, body: bytes, fetch: Fetch) -> bytes | None:
+    async def bulk(
+        self,
+        default_index: str | None,
+        body: bytes,
+        fetch: Fetch,
+        caller: Mapping[str, str] | None = None,
+    ) -> bytes | None:
         """A `_bulk` body with the vectors of its documents added, or None if unchanged.
 
         Lines are NDJSON: an action line, then (except for delete) its source line. Items are
@@ -127,7 +142,7 @@ class WritePath:
             if not isinstance(index, str) or (body_line is not None and body_line >= len(lines)):
                 continue  # OpenSearch refuses this item itself
             if index not in profiles:
-                profiles[index] = await self._profiles.for_write(index)
+                profiles[index] = await self._profiles.for_write(index, caller)
             items.append(
                 _Item(
                     op,

@@ -51,8 +51,11 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
             f"[from] + [size] ({offset + size}) must not exceed [ext.rerank.window] ({rerank_ext.window})"
         )
     index = request.match_info.get("index")
+    caller = services.identity.for_caller(request.headers)
     try:
-        profile = await services.pipeline.profiles.resolve(index or "_all", need_vector=False)
+        profile = await services.pipeline.profiles.resolve(
+            index or "_all", caller, need_vector=False
+        )
         document_fields = rerank_ext.document_fields or profile.document_fields
         max_chars = profile.max_chars_per_field
     except ProfileError:
@@ -79,7 +82,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         index,
         upstream_body,
         dict(request.query),
-        headers=services.identity.for_caller(request.headers),
+        headers=caller,
     )
     log_stage(
         "retrieve", timings.record("retrieve", stage), candidates=len(response["hits"]["hits"])

@@ -181,7 +181,9 @@ async def index_profile(request: web.Request) -> web.Response:
     """The effective profile of an index expression and where each part of it came from."""
     services = request.app[SERVICES]
     index = request.match_info["index"]
-    profile = await services.pipeline.profiles.resolve(index)
+    profile = await services.pipeline.profiles.resolve(
+        index, services.identity.for_caller(request.headers)
+    )
     return json_response({"index": index, **profile.describe()})
 
 

@@ -17,8 +17,11 @@ from sidecar.write_path import Fetch
 
 async def write_document(request: web.Request) -> web.StreamResponse:
     """`_doc`/`_create`: the document gets its vector if its index embeds on write."""
+    services = request.app[SERVICES]
     body = await _write_body(request)
-    enriched = await request.app[SERVICES].writes.document(request.match_info["index"], body)
+    enriched = await services.writes.document(
+        request.match_info["index"], body, services.identity.for_caller(request.headers)
+    )
     return await _forward_write(request, body, enriched)
 
 
@@ -32,6 +35,7 @@ async def write_update(request: web.Request) -> web.StreamResponse:
         request.query.get("routing"),
         body,
         _stored_documents(request),
+        services.identity.for_caller(request.headers),
     )
     return await _forward_write(request, body, enriched)
 
@@ -41,7 +45,10 @@ async def write_bulk(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     body = await _write_body(request)
     enriched = await services.writes.bulk(
-        request.match_info.get("index"), body, _stored_documents(request)
+        request.match_info.get("index"),
+        body,
+        _stored_documents(request),
+        services.identity.for_caller(request.headers),
     )
     return await _forward_write(request, body, enriched)
 

@@ -1,9 +1,16 @@
 """Profile resolution at request time: the configured profile of an index expression merged with
-what its mapping shows, the mapping read once per TTL (and again after a mapping error)."""
+what its mapping shows, the mapping read once per TTL (and again after a mapping error).
+
+A mapping read for a caller is read with that caller's identity and cached for that identity
+only, so no caller learns through a profile (or an error naming fields) what the cluster would
+not show them; the sidecar's own reads (the check at start) use its own identity."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
 from collections.abc import Mapping
 
 from cachetools import TTLCache
@@ -39,22 +46,36 @@ class ProfileResolver:
         self._local_model = local_model
         self._local_dimensions = local_dimensions
         self._allow_lexical_only = allow_lexical_only
-        self._mappings: TTLCache[str, MappingInfo] = TTLCache(_MAX_MAPPINGS, mapping_ttl_s)
+        # Keyed by (index, identity fingerprint): an HMAC under a key of this process, so the
+        # cache never holds a credential, nor anything to guess one from offline.
+        self._mappings: TTLCache[tuple[str, str], MappingInfo] = TTLCache(
+            _MAX_MAPPINGS, mapping_ttl_s
+        )
+        self._fingerprint_key = secrets.token_bytes(32)
 
-    async def resolve(self, index: str, *, need_vector: bool = True) -> IndexProfile:
-        """The profile searches of `index` use (`need_vector` false: only its rerank part is
-        wanted, so a missing vector field is no error). Raises ProfileError (the profile cannot
-        work for this index) and UpstreamError (e.g. OpenSearch's own 404 for an unknown index)."""
-        return self._build(index, await self._mapping(index), need_vector=need_vector)
+    async def resolve(
+        self,
+        index: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        need_vector: bool = True,
+    ) -> IndexProfile:
+        """The profile searches of `index` use, its mapping read with the identity `headers`
+        (None: the sidecar's own); `need_vector` false: only its rerank part is wanted, so a
+        missing vector field is no error. Raises ProfileError (the profile cannot work for this
+        index) and UpstreamError (e.g. OpenSearch's own 404, or 403 for this caller)."""
+        return self._build(index, await self._mapping(index, headers), need_vector=need_vector)
 
-    async def for_write(self, index: str) -> IndexProfile | None:
+    async def for_write(
+        self, index: str, headers: Mapping[str, str] | None = None
+    ) -> IndexProfile | None:
         """The profile of a write target when its documents get vectors here, else None (the write
         passes through). An index that does not exist yet gets vectors only from a configured
         profile naming its vector field. Raises ProfileError only for a profile configured to
         embed on write that cannot work (the write would otherwise go without its vector)."""
         configured = match_profile(self._configs, index)
         try:
-            mapping: MappingInfo | None = await self._mapping(index)
+            mapping: MappingInfo | None = await self._mapping(index, headers)
         except UpstreamError as error:
             if error.status != 404:
                 raise
@@ -70,8 +91,10 @@ class ProfileResolver:
         return profile if profile.embed_on_write else None
 
     def invalidate(self, index: str) -> None:
-        """Forget the mapping of `index` (it was refused by the cluster: it may have changed)."""
-        self._mappings.pop(index, None)
+        """Forget the mapping of `index`, for every identity (the cluster refused a query built
+        from it: it may have changed)."""
+        for key in [key for key in self._mappings if key[0] == index]:
+            self._mappings.pop(key, None)
 
     async def check_configured(self) -> None:
         """At start: every profile configured for an exact index name that exists must agree with
@@ -90,12 +113,19 @@ class ProfileResolver:
                     error.status,
                 )
 
-    async def _mapping(self, index: str) -> MappingInfo:
-        if (cached := self._mappings.get(index)) is not None:
+    async def _mapping(self, index: str, headers: Mapping[str, str] | None) -> MappingInfo:
+        key = (index, self._fingerprint(headers))
+        if (cached := self._mappings.get(key)) is not None:
             return cached
-        mapping = MappingInfo.from_response(await self._upstream.mapping(index))
-        self._mappings[index] = mapping
+        mapping = MappingInfo.from_response(await self._upstream.mapping(index, headers))
+        self._mappings[key] = mapping
         return mapping
+
+    def _fingerprint(self, headers: Mapping[str, str] | None) -> str:
+        if headers is None:
+            return "sidecar"
+        material = "\n".join(f"{k.lower()}:{v}" for k, v in sorted(headers.items())).encode()
+        return hmac.new(self._fingerprint_key, material, hashlib.sha256).hexdigest()
 
     def _build(
         self, index: str, mapping: MappingInfo | None, *, need_vector: bool = True

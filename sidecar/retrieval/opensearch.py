@@ -34,8 +34,9 @@ def error_body(status: int, error_type: str, reason: str) -> dict[str, Any]:
 
 
 class Upstream:
-    """Searches made for a caller take that caller's identity headers (`headers`, from
-    UpstreamIdentity.for_caller); the sidecar's own calls (readiness, mappings) take its own."""
+    """Calls made for a caller take that caller's identity headers (`headers`, from
+    UpstreamIdentity.for_caller); the sidecar's own calls (readiness, the profile check at
+    start) take its own."""
 
     def __init__(
         self,
@@ -74,12 +75,12 @@ class Upstream:
             )
         return response
 
-    async def mapping(self, index: str) -> dict[str, Any]:
-        """`GET <index>/_mapping` with the sidecar's own identity: one entry per concrete index
-        the expression names."""
+    async def mapping(self, index: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """`GET <index>/_mapping` with the identity `headers` (None: the sidecar's own): one
+        entry per concrete index the expression names."""
         async with self._measured("mapping"):
             response: dict[str, Any] = await self.client.indices.get_mapping(
-                index=index, headers=self._own
+                index=index, headers=dict(self._own if headers is None else headers)
             )
         return response
 

@@ -35,7 +35,7 @@ PLAIN_MAPPING = {"mappings": {"properties": {"title": {"type": "text"}}}}
 class FakeUpstream:
     """Mappings by index name; any other index is OpenSearch's 404."""
 
-    async def mapping(self, index: str) -> dict[str, Any]:
+    async def mapping(self, index: str, headers: Any = None) -> dict[str, Any]:
         known = {"docs": SIDECAR_MAPPING, "plain": PLAIN_MAPPING}
         if index not in known:
             raise UpstreamError(404, error_body(404, "index_not_found_exception", index))

@@ -26,10 +26,14 @@ MAPPING = {
 class FakeUpstream:
     def __init__(self, status: int | None = None) -> None:
         self.calls: list[str] = []
+        self.identities: list[Any] = []
         self.status = status
 
-    async def mapping(self, index: str) -> dict[str, Any]:
+    async def mapping(self, index: str, headers: Any = None) -> dict[str, Any]:
         self.calls.append(index)
+        self.identities.append(headers)
+        if headers == {"authorization": "Basic outsider"}:
+            raise UpstreamError(403, error_body(403, "security_exception", "no permissions"))
         if self.status is not None:
             raise UpstreamError(self.status, error_body(self.status, "x", "refused"))
         if index != "docs":
@@ -90,3 +94,24 @@ def test_writes_to_a_missing_index_embed_only_with_a_configured_vector_field() -
     profile = asyncio.run(configured.for_write("new"))
     assert profile is not None
     assert (profile.vector_field, profile.embed_on_write) == ("vec", True)
+
+
+def test_a_mapping_read_for_one_caller_is_never_served_to_another() -> None:
+    upstream = FakeUpstream()
+    profiles = resolver(upstream)
+    reader = {"authorization": "Basic reader"}
+
+    async def run() -> None:
+        await profiles.resolve("docs", reader)
+        await profiles.resolve("docs", reader)
+        assert upstream.identities == [reader], "cached for the same identity"
+        with pytest.raises(UpstreamError) as refused:
+            await profiles.resolve("docs", {"authorization": "Basic outsider"})
+        assert refused.value.status == 403, "the cluster's own answer for this caller"
+        await profiles.resolve("docs")
+        assert upstream.identities[-1] is None, "the sidecar's own read is its own entry"
+        profiles.invalidate("docs")
+        await profiles.resolve("docs", reader)
+        assert len(upstream.calls) == 4, "invalidation forgets every identity's entry"
+
+    asyncio.run(run())

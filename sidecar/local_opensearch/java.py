@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.local_opensearch.artifacts import RELEASES, Release, find_release
+from sidecar.local_opensearch.artifacts import Release, candidate_releases
 
 
 class JavaError(RuntimeError):
@@ -24,6 +24,12 @@ class Java:
     @property
     def executable(self) -> Path:
         return self.home / "bin" / "java"
+
+    @property
+    def compiler(self) -> Path | None:
+        """javac, if this is a JDK (the secured node compiles a module of its own)."""
+        javac = self.home / "bin" / "javac"
+        return javac if javac.exists() else None
 
 
 def probe(home: Path, run_as: Callable[[list[str]], list[str]] = lambda argv: argv) -> Java | None:
@@ -80,6 +86,8 @@ def choose(
     configured_java: Path | None,
     environ: Mapping[str, str],
     run_as: Callable[[list[str]], list[str]] = lambda argv: argv,
+    *,
+    secure: bool = False,
 ) -> tuple[Release, Java]:
     """The release to run and the Java to run it with.
 
@@ -88,17 +96,20 @@ def choose(
     """
     homes = [configured_java] if configured_java else list(candidate_homes(None, environ))
     javas = [java for home in homes if (java := probe(home, run_as)) is not None]
-    releases = RELEASES if requested_version == "auto" else (find_release(requested_version),)
+    releases = candidate_releases(requested_version, secure=secure)
     for release in releases:
         for java in sorted(javas, key=lambda j: j.major, reverse=True):
-            if java.major >= release.min_java and (
-                release.max_java is None or java.major <= release.max_java
+            if (
+                java.major >= release.min_java
+                and (release.max_java is None or java.major <= release.max_java)
+                and (java.compiler is not None or not release.secure)
             ):
                 return release, java
     found = ", ".join(f"Java {j.major} at {j.home}" for j in javas) or "no Java at all"
     needs = "; ".join(
         f"OpenSearch {r.version} needs Java {r.min_java}"
         + (f"-{r.max_java}" if r.max_java else "+")
+        + (" with javac (a JDK)" if r.secure else "")
         for r in releases
     )
     raise JavaError(

@@ -3,6 +3,9 @@
 Layout under the node's home (one per HTTP port): `opensearch-<version>/` (install),
 `data/`, `logs/`, `tmp/`, `opensearch.pid` and `node.json` (what was installed). OpenSearch
 refuses to run as root, so when we are root the node runs as the system user `opensearch-sidecar`.
+
+The secured variant (`secure`) runs the security plugin's release instead, on HTTPS with the
+plugin's demo certificates; its generated admin password is in `admin-password` (mode 0600).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config import LocalNodeSettings
-from sidecar.local_opensearch import java
+from sidecar.local_opensearch import java, modules, security
 from sidecar.local_opensearch.artifacts import Release, fetch
 
 SERVICE_USER = "opensearch-sidecar"
@@ -49,6 +52,10 @@ class NodeStatus:
     version: str | None
     # Whether the installed k-NN plugin carries the faiss native library (None: not installed).
     faiss_available: bool | None
+    secure: bool = False
+    # For a secured node: the demo root CA to verify it with, and where the admin password is.
+    ca_certs: Path | None = None
+    admin_password_file: Path | None = None
 
     @property
     def running(self) -> bool:
@@ -65,7 +72,8 @@ class LocalNode:
         self._as_root = os.geteuid() == 0
         base = settings.home or (ROOT_HOME if self._as_root else cache_dir / "nodes")
         self.home = base / str(settings.port)
-        self.url = f"http://127.0.0.1:{settings.port}"
+        scheme = "https" if settings.secure else "http"
+        self.url = f"{scheme}://127.0.0.1:{settings.port}"
 
     @property
     def _pid_file(self) -> Path:
@@ -79,9 +87,22 @@ class LocalNode:
     def log_file(self) -> Path:
         return self.home / "logs" / "sidecar-local.log"
 
+    @property
+    def admin_password_file(self) -> Path:
+        return self.home / "admin-password"
+
+    def admin_password(self) -> str:
+        """The secured node's admin password; raises NodeError if the node was never installed."""
+        try:
+            return self.admin_password_file.read_text().strip()
+        except OSError as error:
+            raise NodeError(f"no admin password at {self.admin_password_file}: {error}") from error
+
     def status(self) -> NodeStatus:
         state = self._read_state()
         pid = self._running_pid()
+        secure = self._settings.secure
+        install = self._install_dir(state)
         return NodeStatus(
             url=self.url,
             home=self.home,
@@ -89,6 +110,9 @@ class LocalNode:
             healthy=pid is not None and self._healthy(timeout_s=2.0),
             version=state.get("version"),
             faiss_available=state.get("faiss_available"),
+            secure=secure,
+            ca_certs=install / "config" / security.ROOT_CA if secure and install else None,
+            admin_password_file=self.admin_password_file if secure else None,
         )
 
     def up(self) -> NodeStatus:
@@ -107,7 +131,11 @@ class LocalNode:
         if self._as_root:
             _ensure_service_user()
         release, jdk = java.choose(
-            self._requested_version(), self._settings.java_home, self._environ, self._run_as
+            self._requested_version(),
+            self._settings.java_home,
+            self._environ,
+            self._run_as,
+            secure=self._settings.secure,
         )
         install = self._install(release, jdk)
         self._write_config(install)
@@ -132,15 +160,28 @@ class LocalNode:
 
     def _requested_version(self) -> str:
         """An installed node keeps its version unless another is asked for explicitly."""
-        installed = self._read_state().get("version")
-        if self._settings.version == "auto" and installed:
+        state = self._read_state()
+        installed = state.get("version")
+        if (
+            self._settings.version == "auto"
+            and installed
+            and state.get("secure", False) == self._settings.secure
+        ):
             return str(installed)
         return self._settings.version
+
+    def _install_dir(self, state: dict[str, Any]) -> Path | None:
+        version = state.get("version")
+        return self.home / f"opensearch-{version}" if version else None
 
     def _install(self, release: Release, jdk: java.Java) -> Path:
         install = self.home / f"opensearch-{release.version}"
         state = self._read_state()
-        if state.get("version") == release.version and install.is_dir():
+        if (
+            state.get("version") == release.version
+            and state.get("secure", False) == release.secure
+            and install.is_dir()
+        ):
             return install
         self.home.mkdir(parents=True, exist_ok=True)
         for stale in self.home.glob("opensearch-*"):
@@ -153,6 +194,12 @@ class LocalNode:
         _extract(archives[0], self.home)
         if not install.is_dir():
             raise NodeError(f"{archives[0]} did not contain opensearch-{release.version}/")
+        try:
+            modules.assemble(
+                install, release, self._cache_dir, jdk.compiler, self._settings.allow_unverified
+            )
+        except modules.ModuleError as error:
+            raise NodeError(str(error)) from error
         for plugin_zip in archives[1:]:
             completed = subprocess.run(
                 [
@@ -173,10 +220,25 @@ class LocalNode:
                 "the k-NN plugin zip carries no faiss native library: k-NN indices here use the "
                 "lucene engine"
             )
-        self._state_file.write_text(
-            json.dumps({"version": release.version, "faiss_available": faiss}, indent=2) + "\n"
-        )
+        if release.secure:
+            self._install_security(install, jdk)
+        state = {"version": release.version, "faiss_available": faiss, "secure": release.secure}
+        self._state_file.write_text(json.dumps(state, indent=2) + "\n")
         return install
+
+    def _install_security(self, install: Path, jdk: java.Java) -> None:
+        password = security.generate_password()
+        try:
+            security.install_demo(install, password, self._java_env(jdk))
+        except security.SecurityError as error:
+            raise NodeError(str(error)) from error
+        security.write_password(self.admin_password_file, password)
+        log.info(
+            "secured node: user %s, password in %s (mode 0600; read it with `cat`), CA %s",
+            security.ADMIN_USER,
+            self.admin_password_file,
+            install / "config" / security.ROOT_CA,
+        )
 
     def _write_config(self, install: Path) -> None:
         for folder in ("data", "logs", "tmp"):
@@ -193,6 +255,9 @@ class LocalNode:
             "cluster.routing.allocation.disk.threshold_enabled": False,
         }
         lines = [f"{key}: {json.dumps(value)}" for key, value in config.items()]
+        demo_section = install / "config" / security.DEMO_SECTION
+        if demo_section.exists():
+            lines.append(demo_section.read_text())
         (install / "config" / "opensearch.yml").write_text("\n".join(lines) + "\n")
         if self._as_root:
             user = pwd.getpwnam(SERVICE_USER)
@@ -235,8 +300,20 @@ class LocalNode:
 
     def _healthy(self, timeout_s: float) -> bool:
         url = f"{self.url}/_cluster/health?wait_for_status=yellow&timeout={int(timeout_s)}s"
+        request = urllib.request.Request(url)
+        context = None
+        if self._settings.secure:
+            install = self._install_dir(self._read_state())
+            if install is None or not self.admin_password_file.exists():
+                return False
+            context = security.https_context(install)
+            request.add_header(
+                "Authorization", security.basic_auth(security.ADMIN_USER, self.admin_password())
+            )
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s + 1) as response:
+            with urllib.request.urlopen(
+                request, timeout=timeout_s + 1, context=context
+            ) as response:
                 return json.load(response).get("status") in {"yellow", "green"}
         except (urllib.error.URLError, OSError, ValueError):
             return False

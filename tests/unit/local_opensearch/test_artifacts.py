@@ -8,8 +8,10 @@ import pytest
 
 from sidecar.local_opensearch.artifacts import (
     RELEASES,
+    SECURE_RELEASE,
     Artifact,
     DownloadError,
+    candidate_releases,
     fetch,
     find_release,
 )
@@ -131,3 +133,19 @@ def test_releases_name_their_maven_coordinates() -> None:
 def test_unknown_release_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"choose one of: 3\.6\.0, 2\.19\.6"):
         find_release("1.0.0")
+
+
+def test_the_secured_release_brings_security_and_the_modules_its_zip_lacks() -> None:
+    assert candidate_releases("auto", secure=True) == (SECURE_RELEASE,)
+    assert candidate_releases("3.4.0", secure=True) == (SECURE_RELEASE,)
+    assert [p.filename for p in SECURE_RELEASE.plugins] == [
+        "opensearch-job-scheduler-3.4.0.0.zip",
+        "opensearch-knn-3.4.0.0.zip",
+        "opensearch-security-3.4.0.0.zip",
+    ]
+    painless, analysis = SECURE_RELEASE.modules
+    assert painless.name == "lang-painless"
+    assert "lang-painless-3.4.0.jar" in [jar.filename for jar in painless.jars]
+    assert analysis.extended_plugins == ("lang-painless",)
+    with pytest.raises(ValueError, match=r"secured node runs OpenSearch 3\.4\.0 only"):
+        candidate_releases("3.6.0", secure=True)

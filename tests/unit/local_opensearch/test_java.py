@@ -47,3 +47,14 @@ def test_explicit_version_is_held_to_its_java_range(tmp_path: Path) -> None:
     home = fake_jdk(tmp_path, 'openjdk version "17.0.15"')
     with pytest.raises(JavaError, match="needs Java 21"):
         choose("3.6.0", home, {})
+
+
+def test_the_secured_node_needs_a_jdk_with_javac(tmp_path: Path) -> None:
+    """It compiles its rule-framework stand-in; a runtime without javac cannot build it."""
+    home = fake_jdk(tmp_path, 'openjdk version "21.0.5"')
+    with pytest.raises(JavaError, match=r"3\.4\.0 needs Java 21\+ with javac"):
+        choose("auto", home, {}, secure=True)
+    (home / "bin" / "javac").write_text("#!/bin/sh\n")
+    release, java = choose("auto", home, {}, secure=True)
+    assert (release.version, release.secure) == ("3.4.0", True)
+    assert java.compiler == home / "bin" / "javac"

@@ -28,7 +28,7 @@ from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import ProfileError
-from sidecar.retrieval.tls import TlsError, client_context
+from sidecar.retrieval.tls import TlsError, client_context, server_context
 from sidecar.services import SERVICES, Services
 from sidecar.write_path import WritePath
 
@@ -197,6 +197,16 @@ def upstream_tls(settings: Settings) -> ssl.SSLContext | None:
             client_key=settings.upstream_client_key,
             verify=settings.upstream_verify_certs,
         )
+    except TlsError as error:
+        raise SettingsError(str(error)) from None
+
+
+def listener_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The listener's HTTPS context, or None for plain HTTP. Raises SettingsError for bad files."""
+    if settings.listen_tls_cert is None or settings.listen_tls_key is None:
+        return None
+    try:
+        return server_context(settings.listen_tls_cert, settings.listen_tls_key)
     except TlsError as error:
         raise SettingsError(str(error)) from None
 

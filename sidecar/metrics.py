@@ -169,6 +169,17 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.msearch_fallback = Counter(
+            "sidecar_msearch_fallback_total",
+            "First-stage _msearch calls refused with 403 and run as parallel _search calls instead",
+            registry=registry,
+        )
+        self.fusion_fallback = Counter(
+            "sidecar_fusion_fallback_total",
+            "Requests whose server-side (hybrid) fusion failed and were fused client-side instead",
+            ["reason"],
+            registry=registry,
+        )
         self.upstream_requests = Counter(
             "sidecar_upstream_requests",
             "Requests to OpenSearch, by status code (or 'error').",

@@ -175,10 +175,13 @@ class SearchPipeline:
                 self.profiles.invalidate(request.index)
             raise
         candidates = retrieved.candidates
+        if retrieved.fusion_fallback is not None:
+            self.metrics.fusion_fallback.labels(retrieved.fusion_fallback).inc()
         log_stage(
             "retrieve",
             timings.record("retrieve", stage),
             fusion=request.fusion,
+            fusion_fallback=retrieved.fusion_fallback,
             profile=profile.name,
             vector=profile.embedding,
             candidates=len(candidates),

@@ -35,6 +35,9 @@ def bad_request(reason: str) -> ApiError:
 
 def error_response(error: Exception) -> web.Response:
     """The response for any exception reaching the edge; unexpected ones are logged as 500s."""
+    if isinstance(error, UpstreamError) and error.text is not None:
+        # The cluster's own plain-text answer (e.g. the security plugin's 401), as it sent it.
+        return web.Response(text=error.text, status=error.status, headers=error.headers)
     status, body, headers = _classify(error)
     return web.json_response(body, status=status, headers=headers)
 
@@ -59,7 +62,7 @@ def _classify(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
     if isinstance(error, ApiError):
         return error.status, error_body(error.status, error.error_type, error.reason), error.headers
     if isinstance(error, UpstreamError):
-        return error.status, error.body, {}
+        return error.status, error.body, error.headers
     if isinstance(error, ProfileError):
         return 400, error_body(400, "illegal_argument_exception", str(error)), {}
     if isinstance(error, EmbeddingFailed):

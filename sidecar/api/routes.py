@@ -28,9 +28,8 @@ from sidecar.api.responses import (
 from sidecar.api.schemas import parse_json_object, parse_search_request
 from sidecar.api.writes import write_bulk, write_document, write_update
 from sidecar.logging import request_id_var
-from sidecar.pipeline import RankedHit
+from sidecar.pipeline import RankedHit, SearchResult
 from sidecar.retrieval.fusion import SourceRank
-from sidecar.retrieval.profiles import IndexProfile
 from sidecar.services import SERVICES
 
 _REQUEST_ID_MAX_CHARS = 128
@@ -157,7 +156,7 @@ async def native_search(request: web.Request) -> web.Response:
             source: sum(c.provenance == source for c in result.candidates)
             for source in ("both", "lexical_only", "vector_only")
         },
-        "first_stage": _first_stage(result.profile),
+        "first_stage": _first_stage(result),
         "timings_ms": result.timings.values_ms,
         "rerank": rerank_report(result.rerank),
     }
@@ -187,12 +186,15 @@ async def index_profile(request: web.Request) -> web.Response:
     return json_response({"index": index, **profile.describe()})
 
 
-def _first_stage(profile: IndexProfile) -> dict[str, Any]:
+def _first_stage(result: SearchResult) -> dict[str, Any]:
+    profile = result.profile
     return {
         "profile": profile.name,
         "vector": profile.embedding,
         "lexical_only": profile.embedding == "none",
         "lexical_only_reason": profile.lexical_only_reason,
+        # Set when `server` fusion failed for this caller and the sidecar fused instead.
+        "fusion_fallback": result.retrieved.fusion_fallback,
     }
 
 

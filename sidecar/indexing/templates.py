@@ -17,6 +17,7 @@ from opensearchpy import OpenSearch
 HYBRID_PIPELINE = "sidecar-hybrid-minmax"
 RRF_PIPELINE = "sidecar-hybrid-rrf"
 VECTOR_FIELD = "embedding"
+NEURAL_SEARCH_PLUGIN = "opensearch-neural-search"
 # The analyzed fields of a sidecar index: what BM25 searches, the reranker reads and the
 # bi-encoder embeds (joined in this order).
 TEXT_FIELDS = ("title", "text")
@@ -81,15 +82,23 @@ def create_index(client: OpenSearch, index: str, vector: VectorOptions) -> Creat
     """
     template_name = f"sidecar-hybrid-{index}"
     client.indices.put_index_template(name=template_name, body=render_index_template(index, vector))
-    pipelines = [HYBRID_PIPELINE]
-    client.transport.perform_request(
-        "PUT", f"/_search/pipeline/{HYBRID_PIPELINE}", body=load_json("hybrid-search-pipeline.json")
-    )
-    if _cluster_version(client) >= _RRF_MIN_VERSION:
+    pipelines: list[str] = []
+    # The pipelines' processors come with neural-search; a cluster without it gets the index
+    # alone (the sidecar's own fusion modes need no pipeline).
+    if _has_neural_search(client):
         client.transport.perform_request(
-            "PUT", f"/_search/pipeline/{RRF_PIPELINE}", body=load_json("rrf-search-pipeline.json")
+            "PUT",
+            f"/_search/pipeline/{HYBRID_PIPELINE}",
+            body=load_json("hybrid-search-pipeline.json"),
         )
-        pipelines.append(RRF_PIPELINE)
+        pipelines.append(HYBRID_PIPELINE)
+        if _cluster_version(client) >= _RRF_MIN_VERSION:
+            client.transport.perform_request(
+                "PUT",
+                f"/_search/pipeline/{RRF_PIPELINE}",
+                body=load_json("rrf-search-pipeline.json"),
+            )
+            pipelines.append(RRF_PIPELINE)
     created = False
     if client.indices.exists(index=index):
         check_layout(client, index, vector.dimension)
@@ -114,6 +123,11 @@ def check_layout(client: OpenSearch, index: str, dimension: int) -> None:
             f"index {index!r} has {VECTOR_FIELD!r} of dimension {field.get('dimension')}, but the "
             f"bi-encoder produces {dimension}; use the model the index was built with, or reindex"
         )
+
+
+def _has_neural_search(client: OpenSearch) -> bool:
+    plugins = client.cat.plugins(format="json")
+    return any(row.get("component") == NEURAL_SEARCH_PLUGIN for row in plugins)
 
 
 def _cluster_version(client: OpenSearch) -> tuple[int, int]:

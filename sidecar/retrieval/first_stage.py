@@ -4,6 +4,12 @@
 `server` lets OpenSearch fuse through a hybrid query and, concurrently, runs the two subqueries
 alone in one `_msearch` so every candidate's per-retriever rank and raw score are known exactly
 (OpenSearch's hybrid response only has the fused score). A lexical-only profile runs BM25 alone.
+
+Two failures of `server` fusion are the cluster's, not the caller's: a cluster without the
+neural-search plugin (no `hybrid` query) is a 400 that says so; a caller whose role has
+document-level security hits the security plugin's hybrid-query bug (security #6416, neural-search
+#1303) on releases before its fix, and gets client-side convex fusion of the same subqueries
+instead, flagged in `FirstStage.fusion_fallback`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from sidecar.retrieval.fusion import (
     fuse_convex,
     fuse_rrf,
 )
-from sidecar.retrieval.opensearch import Upstream
+from sidecar.retrieval.opensearch import Upstream, UpstreamError, error_body
 from sidecar.retrieval.profiles import IndexProfile
 from sidecar.retrieval.queries import (
     Filter,
@@ -32,6 +38,10 @@ from sidecar.retrieval.queries import (
 
 Fusion = Literal["server", "rrf", "convex"]
 FUSIONS: tuple[Fusion, ...] = ("server", "rrf", "convex")
+
+# What the cluster says when the security plugin wrapped a hybrid query for a DLS role.
+_DLS_HYBRID_SIGNS = ("hybrid query must be a top level query", "HybridQuery")
+_NO_HYBRID_SIGN = "unknown query [hybrid]"
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ class FirstStage:
     candidates: list[Candidate]
     lexical: Sequence[RetrieverHit]
     vector: Sequence[RetrieverHit]
+    # Why `server` fusion was replaced by client-side convex fusion for this request, if it was.
+    fusion_fallback: str | None = None
 
 
 async def retrieve(upstream: Upstream, query: FirstStageQuery) -> FirstStage:
@@ -81,20 +93,59 @@ async def retrieve(upstream: Upstream, query: FirstStageQuery) -> FirstStage:
             filter_clause,
             query.weights or (0.5, 0.5),
         )
-        fused, (lexical, vector) = await asyncio.gather(
+        fused, separate = await asyncio.gather(
             upstream.search(query.index, hybrid, headers=query.headers),
             upstream.msearch(query.index, subqueries, headers=query.headers),
+            return_exceptions=True,
         )
-        lexical_hits, vector_hits = _hits(lexical), _hits(vector)
+        if isinstance(separate, BaseException):
+            raise separate
+        lexical_hits, vector_hits = _hits(separate[0]), _hits(separate[1])
+        if not isinstance(fused, BaseException):
+            return FirstStage(
+                attach_provenance(_hits(fused), lexical_hits, vector_hits),
+                lexical_hits,
+                vector_hits,
+            )
+        if not isinstance(fused, UpstreamError):
+            raise fused
+        _raise_unless_dls_hybrid_bug(fused)
         return FirstStage(
-            attach_provenance(_hits(fused), lexical_hits, vector_hits), lexical_hits, vector_hits
+            _fuse(query, lexical_hits, vector_hits, "convex"),
+            lexical_hits,
+            vector_hits,
+            fusion_fallback="dls_hybrid",
         )
     lexical, vector = await upstream.msearch(query.index, subqueries, headers=query.headers)
     lexical_hits, vector_hits = _hits(lexical), _hits(vector)
-    fuse = fuse_rrf if query.fusion == "rrf" else fuse_convex
-    default_weights = (1.0, 1.0) if query.fusion == "rrf" else (0.5, 0.5)
-    fused = fuse(lexical_hits, vector_hits, weights=query.weights or default_weights)
-    return FirstStage(fused[: query.candidates], lexical_hits, vector_hits)
+    return FirstStage(
+        _fuse(query, lexical_hits, vector_hits, query.fusion), lexical_hits, vector_hits
+    )
+
+
+def _fuse(
+    query: FirstStageQuery,
+    lexical: Sequence[RetrieverHit],
+    vector: Sequence[RetrieverHit],
+    fusion: Fusion,
+) -> list[Candidate]:
+    fuse = fuse_rrf if fusion == "rrf" else fuse_convex
+    default_weights = (1.0, 1.0) if fusion == "rrf" else (0.5, 0.5)
+    return fuse(lexical, vector, weights=query.weights or default_weights)[: query.candidates]
+
+
+def _raise_unless_dls_hybrid_bug(error: UpstreamError) -> None:
+    """Re-raise a failed hybrid search unless it is the DLS bug (then the caller falls back)."""
+    answer = str(error.body)
+    if _NO_HYBRID_SIGN in answer:
+        reason = (
+            "fusion 'server' needs the neural-search plugin's hybrid query, and this cluster has "
+            "no neural-search plugin (it answered: unknown query [hybrid]); use fusion 'convex' "
+            "or 'rrf', which fuse in the sidecar"
+        )
+        raise UpstreamError(400, error_body(400, "illegal_argument_exception", reason)) from error
+    if not any(sign in answer for sign in _DLS_HYBRID_SIGNS):
+        raise error
 
 
 def _hits(response: Mapping[str, Any]) -> Sequence[RetrieverHit]:

@@ -3,34 +3,86 @@ from upstream failures to the status and OpenSearch-shaped body the sidecar answ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
 
 import aiohttp
-from opensearchpy import AsyncOpenSearch
+from opensearchpy import AsyncHttpConnection, AsyncOpenSearch
+from opensearchpy.exceptions import (
+    AuthenticationException,
+    ConnectionTimeout,
+    SSLError,
+    TransportError,
+)
 from opensearchpy.exceptions import ConnectionError as TransportConnectionError
-from opensearchpy.exceptions import ConnectionTimeout, SSLError, TransportError
 
 from sidecar.metrics import Metrics
 from sidecar.retrieval.identity import UpstreamIdentity
 
 
 class UpstreamError(Exception):
-    """OpenSearch refused or failed a request; `status` and `body` are what the client should see."""
+    """OpenSearch refused or failed a request; `status` and `body` are what the client should see.
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    `text` is the cluster's own body when it was not JSON (the security plugin's plain
+    "Unauthorized"), relayed verbatim; `headers` are cluster headers relayed with it
+    (`WWW-Authenticate` on a 401)."""
+
+    def __init__(
+        self,
+        status: int,
+        body: dict[str, Any],
+        *,
+        headers: Mapping[str, str] | None = None,
+        text: str | None = None,
+    ) -> None:
         super().__init__(f"upstream answered {status}")
         self.status = status
         self.body = body
+        self.headers = dict(headers or {})
+        self.text = text
 
 
 def error_body(status: int, error_type: str, reason: str) -> dict[str, Any]:
     """OpenSearch's error shape, so clients parse the sidecar's errors like the cluster's."""
     cause = {"type": error_type, "reason": reason}
     return {"error": {"root_cause": [cause], **cause}, "status": status}
+
+
+class _Challenged(AuthenticationException):
+    """A 401 with the cluster's authentication challenge, which opensearch-py would drop."""
+
+    def __init__(self, error: TransportError, challenge: str | None) -> None:
+        super().__init__(*error.args)
+        self.challenge = challenge
+
+
+class _ChallengeKeepingConnection(AsyncHttpConnection):
+    """opensearch-py raises on a 401 without the response headers; this keeps WWW-Authenticate
+    so the caller gets the cluster's challenge, as they would talking to the cluster directly."""
+
+    async def perform_request(
+        self,
+        method: str,
+        url: str,
+        params: Mapping[str, Any] | None = None,
+        body: bytes | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (opensearch-py's signature)
+        ignore: Collection[int] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, Mapping[str, str], str]:
+        status, response_headers, raw = await super().perform_request(
+            method, url, params, body, timeout, (*ignore, 401), headers
+        )
+        if status == 401 and 401 not in ignore:
+            try:
+                self._raise_error(status, raw, response_headers.get("content-type"))
+            except TransportError as error:
+                raise _Challenged(error, response_headers.get("WWW-Authenticate")) from None
+        return status, response_headers, raw
 
 
 class Upstream:
@@ -47,7 +99,11 @@ class Upstream:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.client = AsyncOpenSearch(
-            hosts=[url], timeout=timeout_s, max_retries=0, ssl_context=ssl_context
+            hosts=[url],
+            timeout=timeout_s,
+            max_retries=0,
+            ssl_context=ssl_context,
+            connection_class=_ChallengeKeepingConnection,
         )
         self._metrics = metrics
         self._own = identity.own() if identity is not None else {}
@@ -91,12 +147,25 @@ class Upstream:
         *,
         headers: Mapping[str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Run `bodies` against `index` in one round trip; any failed item fails the whole call."""
+        """Run `bodies` against `index` in one round trip; any failed item fails the whole call.
+
+        `_msearch` is a cluster-level permission: a caller refused it (403) who may still
+        `_search` the index gets the bodies as parallel `_search` calls instead (counted)."""
         lines: list[Mapping[str, Any]] = []
         for body in bodies:
             lines.extend(({"index": index}, body))
-        async with self._measured("msearch"):
-            response = await self.client.msearch(body=lines, headers=dict(headers or {}))
+        try:
+            async with self._measured("msearch"):
+                response = await self.client.msearch(body=lines, headers=dict(headers or {}))
+        except UpstreamError as error:
+            if error.status != 403:
+                raise
+            self._metrics.msearch_fallback.inc()
+            return list(
+                await asyncio.gather(
+                    *(self.search(index, body, headers=headers) for body in bodies)
+                )
+            )
         results: list[dict[str, Any]] = response["responses"]
         for result in results:
             if "error" in result:
@@ -138,6 +207,11 @@ def _as_upstream_error(error: TransportError) -> UpstreamError:
             502, error_body(502, "upstream_unreachable", "OpenSearch is unreachable")
         )
     status = error.status_code if isinstance(error.status_code, int) else 502
+    challenge = getattr(error, "challenge", None)
+    headers = {"WWW-Authenticate": challenge} if challenge else {}
     if isinstance(error.info, dict) and "error" in error.info:
-        return UpstreamError(status, error.info)
-    return UpstreamError(status, error_body(status, "upstream_error", str(error.error)))
+        return UpstreamError(status, error.info, headers=headers)
+    text = str(error.error)
+    return UpstreamError(
+        status, error_body(status, "upstream_error", text), headers=headers, text=text
+    )

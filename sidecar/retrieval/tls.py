@@ -1,6 +1,7 @@
 """TLS towards the cluster: one client context, built once from the settings, used by both upstream
 clients (the first stage's and the pass-through's). Verification is on unless the operator turns
-it off explicitly, which is logged at start."""
+it off explicitly, which is logged at start. Also the server context of the sidecar's own
+listener, when it serves HTTPS itself."""
 
 from __future__ import annotations
 
@@ -53,6 +54,24 @@ def client_context(
         )
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """HTTPS for the sidecar's listener: TLS 1.2 or newer with Python's default server ciphers.
+
+    Raises TlsError for a file that cannot be read or a certificate that does not match its key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(
+            _readable(cert, "SIDECAR_LISTEN_TLS_CERT"), _readable(key, "SIDECAR_LISTEN_TLS_KEY")
+        )
+    except ssl.SSLError as error:
+        raise TlsError(
+            f"SIDECAR_LISTEN_TLS_CERT/_KEY: {cert} with {key} is not a usable certificate and "
+            f"key ({error.reason})"
+        ) from None
     return context
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.retrieval.tls import TlsError, client_context
+from sidecar.retrieval.tls import TlsError, client_context, server_context
 from tests.certificates import make_certificates
 
 URL = "https://127.0.0.1:9200"
@@ -62,3 +62,13 @@ def test_turning_verification_off_is_explicit_and_logged(caplog: pytest.LogCaptu
     assert context is not None
     assert context.verify_mode == ssl.CERT_NONE
     assert "TLS verification towards OpenSearch is OFF" in caplog.text
+
+
+def test_the_listener_serves_its_certificate_and_refuses_a_mismatched_key(tmp_path: Path) -> None:
+    certificates = make_certificates(tmp_path)
+    context = server_context(certificates.server_cert, certificates.server_key)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    with pytest.raises(TlsError, match="SIDECAR_LISTEN_TLS_CERT/_KEY"):
+        server_context(certificates.server_cert, certificates.client_key)
+    with pytest.raises(TlsError, match=r"SIDECAR_LISTEN_TLS_KEY: cannot read"):
+        server_context(certificates.server_cert, tmp_path / "missing.pem")

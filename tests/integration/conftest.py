@@ -21,6 +21,7 @@ from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 
 # Apart from the default 9200, so a developer's own `sidecar opensearch up` node is left alone.
 TEST_NODE_PORT = 9250
+SECURED_NODE_PORT = 9260
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
@@ -73,6 +74,48 @@ def opensearch() -> Iterator[Cluster]:
     status = node.up()
     try:
         yield Cluster(status.url, OpenSearch(hosts=[status.url], timeout=60), node)
+    finally:
+        if started_here:
+            node.down()
+
+
+@dataclass(frozen=True)
+class SecuredCluster:
+    """The project's security-plugin node: HTTPS with the demo certificates, users and roles."""
+
+    url: str
+    ca_certs: Path
+    admin_password: str
+    admin: OpenSearch
+
+    def client(self, user: str, password: str) -> OpenSearch:
+        return OpenSearch(
+            hosts=[self.url], http_auth=(user, password), ca_certs=str(self.ca_certs), timeout=60
+        )
+
+
+@pytest.fixture(scope="session")
+def secured_opensearch() -> Iterator[SecuredCluster]:
+    """`sidecar opensearch up --secure` on its own port, stopped at the end if started here."""
+    cache_dir = Settings.from_env(os.environ).cache_dir
+    settings = LocalNodeSettings(port=SECURED_NODE_PORT, secure=True, heap="512m")
+    node = LocalNode(settings, cache_dir, os.environ)
+    started_here = not node.status().running
+    status = node.up()
+    assert status.ca_certs is not None
+    password = node.admin_password()
+    try:
+        yield SecuredCluster(
+            status.url,
+            status.ca_certs,
+            password,
+            OpenSearch(
+                hosts=[status.url],
+                http_auth=("admin", password),
+                ca_certs=str(status.ca_certs),
+                timeout=60,
+            ),
+        )
     finally:
         if started_here:
             node.down()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.app import create_app
+from sidecar.app import create_app, listener_tls
 from sidecar.config import Settings
 from sidecar.embedding import BiEncoder
 from sidecar.rerank.backend import RerankBackend
@@ -20,7 +21,7 @@ from sidecar.rerank.backend import RerankBackend
 class RunningSidecar:
     """The app served by aiohttp on 127.0.0.1:<free port> from its own event loop thread."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, tls: ssl.SSLContext | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._runner = web.AppRunner(app, access_log=None)
         try:
@@ -28,10 +29,10 @@ class RunningSidecar:
         except BaseException:
             self._loop.close()
             raise
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=tls)
         self._loop.run_until_complete(site.start())
         host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if tls else 'http'}://{host}:{port}"
         self.app = app
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -71,11 +72,11 @@ def running_sidecar(
     backend: RerankBackend | None = None,
     **overrides: Any,
 ) -> Iterator[RunningSidecar]:
-    """A sidecar app on a free port for the duration of the block."""
+    """A sidecar app on a free port for the duration of the block, on HTTPS when the settings
+    give the listener a certificate (as `sidecar serve` would)."""
+    settings = sidecar_settings(opensearch_url, model, **overrides)
     server = RunningSidecar(
-        create_app(
-            sidecar_settings(opensearch_url, model, **overrides), backend=backend, encoder=encoder
-        )
+        create_app(settings, backend=backend, encoder=encoder), listener_tls(settings)
     )
     try:
         yield server

@@ -80,3 +80,29 @@ def test_the_ca_bundle_makes_the_cluster_trusted(
         assert counted["count"] > 0
         with urllib.request.urlopen(f"{server.url}/readyz", timeout=30) as ready:
             assert ready.status == 200
+
+
+def test_the_sidecar_serves_https_itself_with_a_certificate_and_key(
+    opensearch: Cluster,
+    certificates: Certificates,
+    encoder: BiEncoder,
+    tiny_cross_encoder: Path,
+    pydoc_index: str,
+) -> None:
+    with running_sidecar(
+        opensearch.url,
+        tiny_cross_encoder,
+        encoder,
+        listen_tls_cert=certificates.server_cert,
+        listen_tls_key=certificates.server_key,
+    ) as server:
+        assert server.url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(certificates.ca))
+        with urllib.request.urlopen(f"{server.url}/readyz", timeout=30, context=trusted) as ready:
+            assert ready.status == 200
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(f"{server.url}/readyz", timeout=30)
+        plain = server.url.replace("https://", "http://")
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"{plain}/readyz", timeout=30)
+    gc.collect()

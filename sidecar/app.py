@@ -28,6 +28,7 @@ from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import ProfileError
+from sidecar.retrieval.sigv4 import SigV4Signer
 from sidecar.retrieval.tls import TlsError, client_context, server_context
 from sidecar.services import SERVICES, Services
 from sidecar.write_path import WritePath
@@ -177,11 +178,15 @@ def gpu_memory_reader(device: str) -> Callable[[], float] | None:
 def upstream_identity(settings: Settings) -> UpstreamIdentity:
     """Raises SettingsError when the identity settings cannot work together."""
     try:
+        signer = None
+        if settings.service_aws_region is not None:
+            signer = SigV4Signer(settings.service_aws_region, settings.service_aws_service)
         return UpstreamIdentity.build(
             settings.upstream_identity,
             settings.forward_headers,
             settings.service_username,
             settings.service_password_value(),
+            signer,
         )
     except ValueError as error:
         raise SettingsError(f"upstream identity: {error}") from None

@@ -594,11 +594,13 @@ def _client(settings: Settings) -> OpenSearch:
     same TLS settings as `serve`."""
     from sidecar.app import upstream_identity, upstream_tls
 
+    identity = upstream_identity(settings)
     return OpenSearch(
         hosts=[settings.opensearch_url],
         timeout=60,
         ssl_context=upstream_tls(settings),
-        headers=upstream_identity(settings).own(),
+        headers=identity.own(),
+        http_auth=identity.signer,
     )
 
 

@@ -30,6 +30,7 @@ CONFIG_FILE_VARIABLE = "SIDECAR_CONFIG_FILE"
 
 FailMode = Literal["open", "closed"]
 IdentityMode = Literal["forward", "service"]
+AwsService = Literal["es", "aoss"]
 Truncation = Literal["first", "max_chunk"]
 Embedding = Literal["local", "neural", "none"]
 MatchType = Literal["best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix"]
@@ -244,6 +245,10 @@ class Settings:
     service_username: str | None = None
     service_password: SecretStr | None = None
     service_password_file: Path | None = None
+    # Instead of basic auth, sign every call with SigV4 as the sidecar's AWS role (service mode
+    # only; Amazon OpenSearch Service `es` or Serverless `aoss`), in this region.
+    service_aws_region: str | None = None
+    service_aws_service: AwsService = "es"
     # Index profiles by index name or pattern (config file `[profiles."..."]` tables only).
     profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
     # Downloaded OpenSearch artifacts are cached here.
@@ -314,8 +319,21 @@ class Settings:
             "set SIDECAR_SERVICE_PASSWORD or SIDECAR_SERVICE_PASSWORD_FILE, not both",
         )
         _require(
-            self.upstream_identity != "service" or self.service_username is not None,
-            "SIDECAR_UPSTREAM_IDENTITY=service needs SIDECAR_SERVICE_USERNAME (and a password)",
+            self.upstream_identity != "service"
+            or self.service_username is not None
+            or self.service_aws_region is not None,
+            "SIDECAR_UPSTREAM_IDENTITY=service needs SIDECAR_SERVICE_USERNAME (and a password) "
+            "or SIDECAR_SERVICE_AWS_REGION (SigV4)",
+        )
+        _require(
+            self.service_aws_region is None
+            or (self.upstream_identity == "service" and self.service_username is None),
+            "SIDECAR_SERVICE_AWS_REGION (SigV4) needs SIDECAR_UPSTREAM_IDENTITY=service and no "
+            "SIDECAR_SERVICE_USERNAME: a request cannot carry a signature and basic auth",
+        )
+        _require(
+            self.service_aws_service in ("es", "aoss"),
+            f"SIDECAR_SERVICE_AWS_SERVICE must be es or aoss, got {self.service_aws_service!r}",
         )
 
     @classmethod

@@ -45,7 +45,9 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     rerank_ext = parse_rerank_ext(ext["rerank"], settings)
-    offset, size = _non_negative(body, "from", 0), _non_negative(body, "size", 10)
+    params = dict(request.query)
+    offset = _non_negative(body, params, "from", 0)
+    size = _non_negative(body, params, "size", 10)
     if offset + size > rerank_ext.window:
         raise bad_request(
             f"[from] + [size] ({offset + size}) must not exceed [ext.rerank.window] ({rerank_ext.window})"
@@ -78,12 +80,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         upstream_body["ext"] = remaining_ext
     timings = Timings(services.pipeline.metrics)
     stage = time.perf_counter()
-    response = await services.upstream.search(
-        index,
-        upstream_body,
-        dict(request.query),
-        headers=caller,
-    )
+    response = await services.upstream.search(index, upstream_body, params, headers=caller)
     log_stage(
         "retrieve", timings.record("retrieve", stage), candidates=len(response["hits"]["hits"])
     )
@@ -168,7 +165,14 @@ def _without_fields(
     return entry
 
 
-def _non_negative(body: dict[str, Any], key: str, default: int) -> int:
+def _non_negative(body: dict[str, Any], params: dict[str, str], key: str, default: int) -> int:
+    """`from`/`size` of the caller's page: the URL parameter wins over the body, as in
+    OpenSearch. The parameter is taken out of `params`: upstream gets the whole window."""
+    if key in params:
+        text = params.pop(key)
+        if not text.isdigit():
+            raise bad_request(f"[{key}] must be a non-negative integer, got {text!r}")
+        return int(text)
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise bad_request(f"[{key}] must be a non-negative integer")

@@ -21,7 +21,7 @@ from sidecar.api.errors import ApiError
 from sidecar.logging import request_id_var
 from sidecar.metrics import Metrics
 from sidecar.retrieval.identity import UpstreamIdentity
-from sidecar.retrieval.opensearch import UpstreamError
+from sidecar.retrieval.opensearch import UpstreamError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ async def forward(
     A body with a known length is streamed through unread; one without is read (bounded) first.
     """
     if body is None and request.can_read_body:
-        if request.content_length is None:
+        # A signature covers the body's hash, so a signed request is read before it is sent.
+        if request.content_length is None or identity.signer is not None:
             body = await read_body(request, max_body_bytes)
         elif request.content_length > max_body_bytes:
             raise _too_large(max_body_bytes)
@@ -99,13 +100,15 @@ async def forward(
         headers.popall("Content-Encoding", None)
     if body is not None:
         headers["Content-Length"] = str(len(body))
+    target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
+    if identity.signer is not None:
+        headers.update(identity.signer(request.method, str(target), body, headers))
     # A file-like payload: aiohttp writes large bytes in one blocking call otherwise.
     payload = (
         io.BytesIO(body)
         if body is not None
         else (request.content if request.can_read_body else None)
     )
-    target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
     response: web.StreamResponse | None = None
     started = time.perf_counter()
     status = "error"
@@ -165,15 +168,15 @@ async def fetch_json(
     headers["Content-Type"] = "application/json"
     # The session does not inflate answers (pass-through bodies stay byte-for-byte): ask for none.
     headers["Accept-Encoding"] = "identity"
+    target = URL(str(upstream).rstrip("/") + path)
+    sent = json.dumps(body).encode()
+    if identity.signer is not None:
+        headers.update(identity.signer(method, str(target), sent, headers))
     started = time.perf_counter()
     status = "error"
     try:
         async with session.request(
-            method,
-            URL(str(upstream).rstrip("/") + path),
-            headers=headers,
-            data=json.dumps(body).encode(),
-            allow_redirects=False,
+            method, target, headers=headers, data=sent, allow_redirects=False
         ) as answer:
             status = str(answer.status)
             payload = await answer.read()
@@ -182,12 +185,22 @@ async def fetch_json(
     finally:
         metrics.upstream_requests.labels(status).inc()
         metrics.upstream_duration.labels("fetch").observe(time.perf_counter() - started)
+    challenge = answer.headers.get("WWW-Authenticate")
+    relayed = {"WWW-Authenticate": challenge} if challenge else {}
     try:
         decoded: dict[str, Any] = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ApiError(502, "upstream_error", "OpenSearch answered with no JSON") from None
+        if answer.status < 400:
+            raise ApiError(502, "upstream_error", "OpenSearch answered with no JSON") from None
+        text = payload.decode(errors="replace")
+        raise UpstreamError(
+            answer.status,
+            error_body(answer.status, "upstream_error", text),
+            headers=relayed,
+            text=text,
+        ) from None
     if answer.status >= 400:
-        raise UpstreamError(answer.status, decoded)
+        raise UpstreamError(answer.status, decoded, headers=relayed)
     return decoded
 
 

@@ -1,12 +1,15 @@
 """Whose identity each upstream call carries. Calls made for a caller carry the caller's own
 allowlisted headers (`forward`) or the sidecar's service credentials for everyone (`service`); the
 sidecar's own calls (readiness, mapping discovery) carry its service credentials, else none.
-Headers that could impersonate another user never pass from a caller unless allowlisted."""
+Headers that could impersonate another user never pass from a caller unless allowlisted.
+
+The service credentials are basic auth, or a SigV4 signer (the sidecar's AWS role): a signature
+is per request, so the signer is applied where each request is sent, not as a header here."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +23,9 @@ IdentityMode = Literal["forward", "service"]
 _IMPERSONATION_HEADER = "opendistro_security_impersonate_as"
 _PROXY_HEADER_PREFIX = "x-proxy-"
 
+# (method, url, body, headers) → the signature headers to add; see sigv4.SigV4Signer.
+Signer = Callable[[str, str, bytes | None, Mapping[str, str] | None], dict[str, str]]
+
 
 @dataclass(frozen=True)
 class UpstreamIdentity:
@@ -28,6 +34,8 @@ class UpstreamIdentity:
     forward_headers: frozenset[str]
     # `Authorization` value of the sidecar's own credentials, if any. Never logged.
     service_authorization: str | None = None
+    # Signs every request with the sidecar's AWS identity (service mode only).
+    signer: Signer | None = None
 
     @classmethod
     def build(
@@ -36,18 +44,25 @@ class UpstreamIdentity:
         forward_headers: Iterable[str],
         username: str | None = None,
         password: str | None = None,
+        signer: Signer | None = None,
     ) -> UpstreamIdentity:
-        """Raises ValueError for `service` mode without credentials, or a password without a
-        user name."""
+        """Raises ValueError for `service` mode without credentials, a password without a user
+        name, or a signer outside `service` mode or beside basic credentials."""
         authorization = None
         if username is not None:
             token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
             authorization = f"Basic {token}"
         elif password is not None:
             raise ValueError("a service password needs a service user name")
-        if mode == "service" and authorization is None:
+        if signer is not None and (mode != "service" or authorization is not None):
+            raise ValueError(
+                "SigV4 signing is the service identity: it needs service mode and no basic "
+                "credentials (a request cannot carry both)"
+            )
+        if mode == "service" and authorization is None and signer is None:
             raise ValueError("service mode needs the sidecar's own credentials")
-        return cls(mode, frozenset(h.strip().lower() for h in forward_headers), authorization)
+        forwarded = frozenset(h.strip().lower() for h in forward_headers)
+        return cls(mode, forwarded, authorization, signer)
 
     def for_caller(self, headers: Mapping[str, str]) -> dict[str, str]:
         """The identity headers for an upstream call made on behalf of a caller who sent

@@ -104,6 +104,7 @@ class Upstream:
             max_retries=0,
             ssl_context=ssl_context,
             connection_class=_ChallengeKeepingConnection,
+            http_auth=identity.signer if identity is not None else None,
         )
         self._metrics = metrics
         self._own = identity.own() if identity is not None else {}

@@ -240,6 +240,26 @@ def test_intercepted_search_is_reranked_in_opensearch_shape(
     assert answer["took"] >= 0
 
 
+def test_intercepted_search_takes_from_and_size_from_the_url_first(
+    sidecar: RunningSidecar, pydoc_index: str
+) -> None:
+    """As in OpenSearch, `?size=` and `?from=` win over the body's; the window is still what
+    the cluster is asked for, so the page is cut from the reranked window."""
+    through_sidecar = OpenSearch(hosts=[sidecar.url], timeout=120)
+    body = {
+        "query": {"match": {"text": "exception"}},
+        "size": 20,
+        "ext": {"rerank": {"query_context": {"query_text": QUERY}, "window": 10}},
+    }
+    whole = through_sidecar.search(index=pydoc_index, body=body, params={"size": "10"})
+    page = through_sidecar.search(index=pydoc_index, body=body, params={"size": "3", "from": "2"})
+    assert [h["_id"] for h in page["hits"]["hits"]] == [h["_id"] for h in whole["hits"]["hits"]][
+        2:5
+    ]
+    with pytest.raises(RequestError, match="must not exceed"):
+        through_sidecar.search(index=pydoc_index, body=body)
+
+
 def test_search_without_rerank_ext_passes_through_untouched(
     sidecar: RunningSidecar, opensearch: Cluster, pydoc_index: str
 ) -> None:

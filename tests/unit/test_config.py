@@ -129,6 +129,24 @@ def test_the_service_password_is_masked_wherever_settings_are_shown() -> None:
             "not both",
         ),
         ({"SIDECAR_UPSTREAM_IDENTITY": "admin"}, "expected one of forward, service"),
+        ({"SIDECAR_SERVICE_AWS_REGION": "eu-west-1"}, "needs SIDECAR_UPSTREAM_IDENTITY=service"),
+        (
+            {
+                "SIDECAR_UPSTREAM_IDENTITY": "service",
+                "SIDECAR_SERVICE_AWS_REGION": "eu-west-1",
+                "SIDECAR_SERVICE_USERNAME": "sidecar",
+            },
+            "cannot carry a signature and basic auth",
+        ),
+        (
+            {
+                "SIDECAR_UPSTREAM_IDENTITY": "service",
+                "SIDECAR_SERVICE_AWS_REGION": "eu-west-1",
+                "SIDECAR_SERVICE_AWS_SERVICE": "s3",
+            },
+            "expected one of es, aoss",
+        ),
+        ({"SIDECAR_LISTEN_TLS_CERT": "/x.pem"}, "go together"),
     ],
 )
 def test_identity_settings_that_cannot_work(environ: dict[str, str], message: str) -> None:

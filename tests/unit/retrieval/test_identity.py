@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from multidict import CIMultiDict
 
 from sidecar.retrieval.identity import UpstreamIdentity
 
@@ -47,3 +48,17 @@ def test_identity_settings_that_cannot_work_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         UpstreamIdentity.build(mode, ["authorization"], username, password)  # type: ignore[arg-type]
+
+
+def test_a_sigv4_signer_is_the_service_identity_and_adds_no_fixed_header() -> None:
+    def signer(*_: object) -> dict[str, str]:
+        return {"Authorization": "AWS4-HMAC-SHA256 ..."}
+
+    identity = UpstreamIdentity.build("service", ["authorization"], signer=signer)
+    assert identity.for_caller(CALLER) == {}, "the signature is made per request"
+    assert identity.own() == {}
+    assert "Authorization" not in identity.pass_through(CIMultiDict(CALLER))
+    with pytest.raises(ValueError, match="needs service mode and no basic credentials"):
+        UpstreamIdentity.build("service", ["authorization"], "sidecar", "pw", signer)
+    with pytest.raises(ValueError, match="needs service mode"):
+        UpstreamIdentity.build("forward", ["authorization"], signer=signer)

@@ -101,7 +101,13 @@ async def run_level(
 
 
 def sidecar_sender(
-    url: str, index: str, candidates: int, k: int, fusion: str, rerank: bool
+    url: str,
+    index: str,
+    candidates: int,
+    k: int,
+    fusion: str,
+    rerank: bool,
+    headers: Mapping[str, str] | None = None,
 ) -> Callable[[aiohttp.ClientSession, str, LevelResult], Awaitable[None]]:
     async def send(session: aiohttp.ClientSession, query: str, result: LevelResult) -> None:
         body = {
@@ -112,7 +118,7 @@ def sidecar_sender(
             "fusion": fusion,
             "rerank": rerank,
         }
-        async with session.post(f"{url}/v1/search", json=body) as response:
+        async with session.post(f"{url}/v1/search", json=body, headers=headers) as response:
             answer = await response.json()
             if response.status == 429:
                 result.rejected += 1
@@ -164,18 +170,26 @@ def benchmark(
     rerank: bool,
     encoder: BiEncoder | None,
     once: bool = False,
+    headers: Mapping[str, str] | None = None,
+    compare_url: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every level against the sidecar, then (with `opensearch_url`) the same levels straight to
-    OpenSearch. Queries are used in order and not repeated while any are left, so the score
-    cache stays cold unless the run outlasts the query list. With `once`, each query is sent
-    exactly once in all (levels share the list), whatever the duration."""
-    cursor: Iterator[str] = iter(queries) if once else itertools.cycle(queries)
+    """Every level against the sidecar (each level followed by the same level against the
+    sidecar at `compare_url`, if given, with the same queries: two configurations side by side),
+    then (with `opensearch_url`) the same levels straight to OpenSearch. `headers` go with every
+    sidecar request (a caller's credentials). Queries are used in order and not repeated while
+    any are left, so the score cache stays cold unless the run outlasts the query list. With
+    `once`, each query is sent exactly once per target (levels share the list)."""
     summaries = []
-    send = sidecar_sender(url, index, candidates, k, fusion, rerank)
+    targets = [("sidecar", url)] + ([("compare", compare_url)] if compare_url else [])
+    cursors: dict[str, Iterator[str]] = {
+        name: iter(queries) if once else itertools.cycle(queries) for name, _ in targets
+    }
     for level in concurrency_levels:
-        result = asyncio.run(run_level("sidecar", level, duration_s, cursor, send))
-        summaries.append(result.summary())
-        print(json.dumps(summaries[-1]), flush=True)
+        for name, target in targets:
+            send = sidecar_sender(target, index, candidates, k, fusion, rerank, headers)
+            result = asyncio.run(run_level(name, level, duration_s, cursors[name], send))
+            summaries.append(result.summary())
+            print(json.dumps(summaries[-1]), flush=True)
     if opensearch_url and encoder is not None:
         vectors = dict(zip(queries, encoder.embed(list(queries)), strict=True))
         direct = direct_sender(opensearch_url, index, candidates, encoder, vectors)
@@ -208,12 +222,14 @@ def print_table(summaries: Sequence[dict[str, Any]]) -> None:
         print(" | ".join(str(row[c]) for c in columns))
     by_level = {(row["target"], row["concurrency"]): row for row in summaries}
     for (target, level), row in by_level.items():
-        direct = by_level.get(("opensearch", level))
-        if target == "sidecar" and direct and direct["p50_ms"]:
-            print(
-                f"concurrency {level}: sidecar p50 / OpenSearch p50 = {row['p50_ms'] / direct['p50_ms']:.2f}"
-                f" ({row['p50_ms'] - direct['p50_ms']:+.1f} ms)"
-            )
+        for other, label in (("compare", "compare"), ("opensearch", "OpenSearch")):
+            reference = by_level.get((other, level))
+            if target == "sidecar" and reference and reference["p50_ms"] and row["p50_ms"]:
+                print(
+                    f"concurrency {level}: sidecar p50 / {label} p50 = "
+                    f"{row['p50_ms'] / reference['p50_ms']:.2f} "
+                    f"({row['p50_ms'] - reference['p50_ms']:+.1f} ms)"
+                )
 
 
 def dump(results: Mapping[str, Any], path: Path) -> None:

@@ -5,6 +5,7 @@ and the offline tools around the serving path: `bench`, `provenance`, `eval`, `t
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
 import logging
@@ -144,6 +145,15 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--opensearch", help="also send the same hybrid request straight to this OpenSearch"
     )
+    bench.add_argument(
+        "--compare-url",
+        help="a second sidecar, measured at each level right after the first (two "
+        "configurations side by side, e.g. forward vs service identity)",
+    )
+    bench.add_argument(
+        "--user", help="send basic-auth credentials as this user (with --password-file)"
+    )
+    bench.add_argument("--password-file", type=Path, help="the --user's password, in a file")
     bench.add_argument("--index", required=True)
     bench.add_argument(
         "--queries", type=Path, help="BEIR queries.jsonl or one query per line (load, model bench)"
@@ -408,6 +418,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             rerank=not args.no_rerank,
             encoder=BiEncoder.from_settings(settings) if args.opensearch else None,
             once=args.once,
+            headers=_basic_auth(args.user, args.password_file),
+            compare_url=args.compare_url,
         )
         print_table(results["load"])
     if args.model_bench:
@@ -587,6 +599,18 @@ def _refuse_faiss_on_local_node(settings: Settings) -> None:
             "the local OpenSearch node has no faiss native library (the Maven Central k-NN zip "
             "does not carry it); use --engine lucene"
         )
+
+
+def _basic_auth(user: str | None, password_file: Path | None) -> dict[str, str]:
+    """The Authorization header for --user/--password-file (a password on the command line would
+    show in the process list)."""
+    if user is None:
+        return {}
+    if password_file is None:
+        raise ValueError("--user needs --password-file")
+    password = password_file.read_text().strip()
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
 
 
 def _client(settings: Settings) -> OpenSearch:

@@ -169,6 +169,13 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.rerank_skipped = Counter(
+            "sidecar_rerank_skipped_total",
+            "_search requests with ext.rerank answered by the cluster unreranked, by the "
+            "parameter that asked for another response shape",
+            ["reason"],
+            registry=registry,
+        )
         self.msearch_fallback = Counter(
             "sidecar_msearch_fallback_total",
             "First-stage _msearch calls refused with 403 and run as parallel _search calls instead",

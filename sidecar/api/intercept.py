@@ -7,6 +7,7 @@ import asyncio
 import fnmatch
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -20,12 +21,15 @@ from sidecar.api.responses import (
     json_response,
     rerank_report,
 )
-from sidecar.api.schemas import parse_rerank_ext
+from sidecar.api.schemas import is_json_media_type, load_json, parse_rerank_ext
 from sidecar.logging import log_stage
 from sidecar.pipeline import Timings
 from sidecar.retrieval.fusion import Candidate
 from sidecar.retrieval.profiles import ProfileError, read_text
 from sidecar.services import SERVICES
+
+# On a `_search` with `ext.rerank` that the cluster answered unreranked: the reason.
+SKIPPED_HEADER = "X-Sidecar-Rerank-Skipped"
 
 
 async def intercept_search(request: web.Request) -> web.StreamResponse:
@@ -34,13 +38,31 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     settings = services.settings
     raw = await proxy.read_body(request, settings.max_body_bytes) if request.can_read_body else b""
     try:
-        body = json.loads(raw) if raw else None
+        # A duplicate key or an overlong number is refused here with OpenSearch's own message
+        # (the cluster itself answers an overlong number with a 500).
+        body = load_json(raw) if raw else None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        body = None
+        body = None  # OpenSearch answers a body it cannot parse itself, in its own words
+    if not is_json_media_type(request.headers.get("Content-Type")):
+        body = None  # the cluster refuses (406) or reads it its own way
     ext = body.get("ext") if isinstance(body, dict) else None
     if not (isinstance(body, dict) and isinstance(ext, dict) and "rerank" in ext):
         request[ROUTE_LABEL] = "proxy"
         return await forward_upstream(request, raw)
+    if (reason := _not_rerankable(body, request.query)) is not None:
+        # A response of another shape than the reranker writes: the cluster answers the request
+        # itself, without `ext.rerank`, and the caller is told why.
+        request[ROUTE_LABEL] = "proxy"
+        services.pipeline.metrics.rerank_skipped.labels(reason).inc()
+        remaining = {key: value for key, value in ext.items() if key != "rerank"}
+        plain = {key: value for key, value in body.items() if key != "ext"}
+        if remaining:
+            plain["ext"] = remaining
+        return await forward_upstream(
+            request,
+            json.dumps(plain).encode(),
+            {SKIPPED_HEADER: f"{reason}: the cluster's own answer, not reranked"},
+        )
 
     started = time.perf_counter()
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
@@ -129,6 +151,20 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     response["took"] = round(total_s * 1000)
     response.setdefault("ext", {})["rerank"] = rerank_report(report)
     return json_response(response)
+
+
+def _not_rerankable(body: dict[str, Any], params: Mapping[str, str]) -> str | None:
+    """Why a `_search` with `ext.rerank` cannot be reranked, if it cannot: the parameter that
+    asks for an answer in another shape (not JSON, filtered, scrolled, or hits without ids)."""
+    if params.get("format", "json") != "json":
+        return "format"
+    if "filter_path" in params:
+        return "filter_path"
+    if "scroll" in params:
+        return "scroll"
+    if "_none_" in (params.get("stored_fields"), body.get("stored_fields")):
+        return "stored_fields"
+    return None
 
 
 def _hit_text(hit: dict[str, Any], document_fields: tuple[str, ...], max_chars: int | None) -> str:

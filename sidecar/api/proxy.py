@@ -10,10 +10,12 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -61,14 +63,23 @@ def create_session(
 
 
 async def read_body(request: web.Request, max_body_bytes: int) -> bytes:
-    """The whole request body, refusing more than `max_body_bytes` with 413."""
+    """The whole request body, refusing more than `max_body_bytes` with 413. aiohttp inflates a
+    gzip- or deflate-encoded body as it is read; one that does not inflate is a 400."""
     if request.content_length is not None and request.content_length > max_body_bytes:
         raise _too_large(max_body_bytes)
     body = bytearray()
-    while chunk := await request.content.read(max_body_bytes + 1 - len(body)):
-        body += chunk
-        if len(body) > max_body_bytes:
-            raise _too_large(max_body_bytes)
+    try:
+        while chunk := await request.content.read(max_body_bytes + 1 - len(body)):
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise _too_large(max_body_bytes)
+    except RequestPayloadError:
+        encoding = request.headers.get("Content-Encoding")
+        if encoding is None:
+            raise
+        raise ApiError(
+            400, "parsing_exception", f"the request body is not valid {encoding} data"
+        ) from None
     return bytes(body)
 
 
@@ -80,25 +91,28 @@ async def forward(
     max_body_bytes: int,
     metrics: Metrics,
     body: bytes | None = None,
-    *,
-    decoded: bool = False,
+    added_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
-    """Send `request` upstream and stream the answer back. `body`: already read by the caller
-    (`decoded`: it is the inflated body, as aiohttp reads a gzip/deflate-encoded one, so the
-    Content-Encoding header is not forwarded).
+    """Send `request` upstream and stream the answer back. `body`: already read by the caller;
+    `added_headers`: the sidecar's own, added to the answer.
 
-    A body with a known length is streamed through unread; one without is read (bounded) first.
+    A body with a known length is streamed through unread; one without is read (bounded) first,
+    and so is a signed one (the signature covers its hash) and a compressed one: aiohttp has
+    inflated it, so it goes on inflated, without its Content-Encoding.
     """
     if body is None and request.can_read_body:
-        # A signature covers the body's hash, so a signed request is read before it is sent.
-        if request.content_length is None or identity.signer is not None:
+        if (
+            request.content_length is None
+            or identity.signer is not None
+            or "Content-Encoding" in request.headers
+        ):
             body = await read_body(request, max_body_bytes)
         elif request.content_length > max_body_bytes:
             raise _too_large(max_body_bytes)
     headers = identity.pass_through(_end_to_end(request.headers))
-    if decoded:
-        headers.popall("Content-Encoding", None)
     if body is not None:
+        # Every body read here or by a caller came through aiohttp, which inflated it.
+        headers.popall("Content-Encoding", None)
         headers["Content-Length"] = str(len(body))
     target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
     if identity.signer is not None:
@@ -124,6 +138,7 @@ async def forward(
             status = str(answer.status)
             response = web.StreamResponse(status=answer.status, reason=answer.reason)
             response.headers.extend(_end_to_end(answer.headers))
+            response.headers.update(added_headers or {})
             if (request_id := request_id_var.get()) is not None:
                 response.headers["X-Request-Id"] = request_id
             if answer.content_length is not None:

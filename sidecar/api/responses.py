@@ -3,8 +3,11 @@ request to OpenSearch through the pass-through session."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +21,7 @@ ROUTE_LABEL = web.RequestKey("route_label", str)
 
 
 async def forward_upstream(
-    request: web.Request, body: bytes | None = None, *, decoded: bool = False
+    request: web.Request, body: bytes | None = None, added_headers: Mapping[str, str] | None = None
 ) -> web.StreamResponse:
     """`request` to OpenSearch through the pass-through session (see proxy.forward)."""
     services = request.app[SERVICES]
@@ -30,14 +33,14 @@ async def forward_upstream(
         services.settings.max_body_bytes,
         services.pipeline.metrics,
         body,
-        decoded=decoded,
+        added_headers,
     )
 
 
 def rerank_report(report: RerankReport) -> dict[str, Any]:
     return {
         "applied": report.applied,
-        "model": report.model,
+        "model": public_model_name(report.model),
         "device": report.device,
         "dtype": report.dtype,
         "cache_hits": report.cache_hits,
@@ -46,6 +49,13 @@ def rerank_report(report: RerankReport) -> dict[str, Any]:
         "reason": report.reason,
         "empty_text": report.empty_text,
     }
+
+
+@functools.cache
+def public_model_name(model: str) -> str:
+    """What callers are told of the model: a Hub id as is, a local model by its folder's name
+    only (its path says how the host is laid out)."""
+    return Path(model).name if Path(model).exists() else model
 
 
 def finite(value: float | None) -> float | None:

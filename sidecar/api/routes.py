@@ -25,7 +25,7 @@ from sidecar.api.responses import (
     json_response,
     rerank_report,
 )
-from sidecar.api.schemas import parse_json_object, parse_search_request
+from sidecar.api.schemas import check_json_media_type, parse_json_object, parse_search_request
 from sidecar.api.writes import write_bulk, write_document, write_update
 from sidecar.logging import request_id_var
 from sidecar.pipeline import RankedHit, SearchResult
@@ -142,6 +142,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def native_search(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     deadline = asyncio.get_running_loop().time() + services.settings.request_timeout_s
+    check_json_media_type(request.headers.get("Content-Type"))
     body = parse_json_object(await proxy.read_body(request, services.settings.max_body_bytes))
     search = replace(
         parse_search_request(body, services.settings),

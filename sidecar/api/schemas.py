@@ -13,6 +13,7 @@ from sidecar.api.errors import ApiError, bad_request
 from sidecar.config import Settings, Truncation
 from sidecar.pipeline import SearchRequest
 from sidecar.retrieval.first_stage import FUSIONS
+from sidecar.retrieval.profiles import LONE_SURROGATE
 
 MAX_QUERY_CHARS = 4096
 MAX_INDEX_CHARS = 255
@@ -36,9 +37,61 @@ _NATIVE_FIELDS = frozenset(
 )
 
 
+JSON_MEDIA_TYPES = frozenset({"application/json", "application/vnd.opensearch+json"})
+# Jackson's default StreamReadConstraints.maxNumberLength, which OpenSearch's parser enforces.
+MAX_NUMBER_CHARS = 1000
+
+
+def load_json(raw: bytes) -> Any:
+    """JSON as OpenSearch's parser reads it: a duplicate key or a number longer than Jackson's
+    limit is a 400 (Python would keep the last key, and fail on long integers with a ValueError).
+
+    Raises ApiError, json.JSONDecodeError, UnicodeDecodeError and RecursionError."""
+    return json.loads(
+        raw,
+        object_pairs_hook=_unique_keys,
+        parse_int=lambda text: int(_bounded_number(text)),
+        parse_float=lambda text: float(_bounded_number(text)),
+    )
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ApiError(400, "parsing_exception", f"Duplicate field '{key}'")
+        seen[key] = value
+    return seen
+
+
+def _bounded_number(text: str) -> str:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ApiError(
+            400,
+            "parsing_exception",
+            f"Number value length ({len(text)}) exceeds the maximum allowed ({MAX_NUMBER_CHARS})",
+        )
+    return text
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() in JSON_MEDIA_TYPES
+
+
+def check_json_media_type(content_type: str | None) -> None:
+    """OpenSearch refuses a body of any other media type with a 406; so does the native API."""
+    if not is_json_media_type(content_type):
+        reason = (
+            f"Content-Type header [{content_type}] is not supported"
+            if content_type
+            else "Content-Type header is missing"
+        )
+        raise ApiError(406, "media_type_header_exception", reason)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        body = load_json(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(
             400, "parsing_exception", f"request body is not valid JSON: {error}"
@@ -167,6 +220,10 @@ def _string(
         raise bad_request(f"[{label}] must not be empty")
     if len(value) > max_chars:
         raise bad_request(f"[{label}] is longer than {max_chars} characters")
+    if LONE_SURROGATE.search(value):
+        raise bad_request(
+            f"[{label}] contains an unpaired UTF-16 surrogate (not valid Unicode text)"
+        )
     return value
 
 

@@ -62,13 +62,8 @@ async def _write_body(request: web.Request) -> bytes:
 async def _forward_write(
     request: web.Request, body: bytes, enriched: bytes | None
 ) -> web.StreamResponse:
-    """Forward the enriched body, or the body as it came when nothing was added; either way
-    inflated, so without the Content-Encoding it came in."""
-    return await forward_upstream(
-        request,
-        body if enriched is None else enriched,
-        decoded="Content-Encoding" in request.headers,
-    )
+    """Forward the enriched body, or the body as it came when nothing was added."""
+    return await forward_upstream(request, body if enriched is None else enriched)
 
 
 def _stored_documents(request: web.Request) -> Fetch:

@@ -9,6 +9,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import aiohttp
 from opensearchpy import AsyncHttpConnection, AsyncOpenSearch
@@ -126,9 +127,14 @@ class Upstream:
         *,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
+        # The caller's parameters go in the URL as they are: given as `params`, opensearch-py
+        # would take `timeout`, `request_timeout` and `ignore` as its own and never send them.
+        path = f"/{quote(index, safe=',*')}/_search" if index else "/_search"
+        if params:
+            path += "?" + urlencode(params)
         async with self._measured("search"):
-            response: dict[str, Any] = await self.client.search(
-                index=index, body=body, params=dict(params or {}), headers=dict(headers or {})
+            response: dict[str, Any] = await self.client.transport.perform_request(
+                "POST", path, body=body, headers=dict(headers or {})
             )
         return response
 

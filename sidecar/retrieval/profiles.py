@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -370,14 +371,19 @@ def _tuple(value: Any) -> tuple[str, ...] | None:
     return None
 
 
+# Valid in a JSON string, in no UTF-8 text: the tokenizers fail on it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def read_text(
     source: Mapping[str, Any], paths: Sequence[str], max_chars_per_field: int | None = None
 ) -> str:
     """What a model reads of a document: the values at `paths` (dotted; objects followed, arrays
-    joined), each cut to `max_chars_per_field`, joined by spaces in the order given."""
+    joined), each cut to `max_chars_per_field`, joined by spaces in the order given. An unpaired
+    UTF-16 surrogate (JSON allows one; no tokenizer does) becomes U+FFFD."""
     parts = []
     for path in paths:
-        text = " ".join(_values(source, path.split(".")))
+        text = LONE_SURROGATE.sub("\ufffd", " ".join(_values(source, path.split("."))))
         if max_chars_per_field is not None:
             text = text[:max_chars_per_field]
         if text.strip():

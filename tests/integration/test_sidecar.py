@@ -260,6 +260,24 @@ def test_intercepted_search_takes_from_and_size_from_the_url_first(
         through_sidecar.search(index=pydoc_index, body=body)
 
 
+def test_compressed_requests_from_opensearch_py_work_on_every_path(
+    sidecar: RunningSidecar, pydoc_index: str
+) -> None:
+    """`http_compress=True` gzips every request body: reranked searches, pass-through searches
+    and writes must all work (a gzip pass-through used to hang until the upstream timeout)."""
+    compressed = OpenSearch(hosts=[sidecar.url], http_compress=True, timeout=60)
+    reranked = compressed.search(index=pydoc_index, body=RERANKED)
+    assert reranked["ext"]["rerank"]["applied"] is True
+    plain = compressed.search(index=pydoc_index, body={"query": {"match": {"text": "exception"}}})
+    assert plain["hits"]["hits"]
+    assert compressed.count(index=pydoc_index, body={"query": {"match_all": {}}})["count"] > 0
+    written = compressed.index(
+        index=pydoc_index, id="gzip-probe", body={"title": "t", "text": "gzip"}, refresh=True
+    )
+    assert written["result"] in {"created", "updated"}
+    compressed.delete(index=pydoc_index, id="gzip-probe", refresh=True)
+
+
 def test_search_without_rerank_ext_passes_through_untouched(
     sidecar: RunningSidecar, opensearch: Cluster, pydoc_index: str
 ) -> None:
@@ -369,6 +387,24 @@ def test_request_id_is_honoured_or_generated(sidecar: RunningSidecar, pydoc_inde
             "no such index",
         ),
         (b"x" * (65 * 1024), 413, "content_too_long_exception", "larger than"),
+        (
+            b'{"index": "test-pydoc", "query": "q", "k": ' + b"9" * 4301 + b"}",
+            400,
+            "parsing_exception",
+            "Number value length (4301) exceeds",
+        ),
+        (
+            b'{"index": "test-pydoc", "query": "a", "query": "b"}',
+            400,
+            "parsing_exception",
+            "Duplicate field 'query'",
+        ),
+        (
+            b'{"index": "test-pydoc", "query": "caf\\ud800"}',
+            400,
+            "illegal_argument_exception",
+            "unpaired UTF-16 surrogate",
+        ),
     ],
 )
 def test_bad_input_gets_a_4xx_in_opensearch_error_shape(
@@ -380,6 +416,29 @@ def test_bad_input_gets_a_4xx_in_opensearch_error_shape(
     assert answer["error"]["type"] == error_type
     assert answer["error"]["root_cause"][0]["type"] == error_type
     assert reason in answer["error"]["reason"]
+
+
+def test_a_body_that_is_not_json_by_its_media_type_is_a_406(
+    sidecar: RunningSidecar, opensearch: Cluster, pydoc_index: str
+) -> None:
+    body = json.dumps({"index": pydoc_index, "query": "q"}).encode()
+    request = urllib.request.Request(
+        f"{sidecar.url}/v1/search", data=body, headers={"Content-Type": "text/plain"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    with refused.value as answer:
+        assert answer.code == 406
+        assert json.loads(answer.read())["error"]["type"] == "media_type_header_exception"
+    intercepted = urllib.request.Request(
+        f"{sidecar.url}/{pydoc_index}/_search",
+        data=json.dumps(RERANKED).encode(),
+        headers={"Content-Type": "text/plain"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as relayed:
+        urllib.request.urlopen(intercepted, timeout=60)
+    with relayed.value as answer:
+        assert answer.code == 406, "the cluster's own answer to the same request"
 
 
 def test_query_text_cannot_inject_query_dsl(sidecar: RunningSidecar, pydoc_index: str) -> None:
@@ -408,6 +467,85 @@ def test_intercepted_search_with_bad_ext_is_a_400(
             },
         )
     assert too_small.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        # A body OpenSearch's parser refuses is OpenSearch's to answer, in its own words.
+        (
+            b'{"size": '
+            + b"9" * 4301
+            + b', "ext": {"rerank": {"query_context": {"query_text": "q"}}}}',
+            "",
+        ),
+        (
+            b'{"size": 1, "size": 2, "ext": {"rerank": {"query_context": {"query_text": "q"}}}}',
+            "Duplicate field",
+        ),
+        (
+            b'{"ext": {"rerank": {"query_context": {"query_text": "caf\\ud800"}}}}',
+            "unpaired UTF-16 surrogate",
+        ),
+    ],
+)
+def test_intercepted_search_with_unparseable_input_is_a_400_never_a_500(
+    sidecar: RunningSidecar, pydoc_index: str, body: bytes, reason: str
+) -> None:
+    status, answer, _ = post(f"{sidecar.url}/{pydoc_index}/_search", body)
+    assert status == 400, answer
+    assert reason in json.dumps(answer["error"])
+
+
+RERANKED = {
+    "query": {"match": {"text": "exception"}},
+    "size": 3,
+    "ext": {"rerank": {"query_context": {"query_text": QUERY}, "window": 10}},
+}
+
+
+def raw_post(url: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), dict(error.headers)
+
+
+@pytest.mark.parametrize(
+    ("query", "skipped"),
+    [
+        ("filter_path=hits.hits._id", "filter_path"),
+        ("format=yaml", "format"),
+        ("format=cbor", "format"),
+        ("stored_fields=_none_", "stored_fields"),
+        ("scroll=1m", "scroll"),
+        ("timeout=10s", None),
+        ("ignore=404", None),
+        ("request_timeout=5", None),
+    ],
+)
+def test_every_search_parameter_gets_the_clusters_answer_reranked_or_said_why(
+    sidecar: RunningSidecar, opensearch: Cluster, pydoc_index: str, query: str, skipped: str | None
+) -> None:
+    """A parameter that asks for another response shape gets the cluster's own answer, with a
+    header naming it; any other reaches the cluster as sent (opensearch-py would take
+    `timeout`, `ignore` and `request_timeout` for itself). Never a 5xx the cluster would not give."""
+    body = json.dumps(RERANKED).encode()
+    status, answer, headers = raw_post(f"{sidecar.url}/{pydoc_index}/_search?{query}", body)
+    plain = json.dumps({k: v for k, v in RERANKED.items() if k != "ext"}).encode()
+    direct_status, direct, _ = raw_post(f"{opensearch.url}/{pydoc_index}/_search?{query}", plain)
+    assert status == direct_status, answer[:300]
+    assert status < 500
+    if skipped is not None:
+        assert headers["X-Sidecar-Rerank-Skipped"].startswith(skipped)
+        if query.startswith("filter_path"):
+            assert json.loads(answer) == json.loads(direct), "the cluster's own answer"
+    elif status == 200:
+        assert json.loads(answer)["ext"]["rerank"]["applied"] is True
+    else:
+        assert json.loads(answer)["error"] == json.loads(direct)["error"]
 
 
 def test_readiness_reports_models_and_upstream(sidecar: RunningSidecar) -> None:

@@ -7,6 +7,7 @@ from sidecar.api.schemas import (
     MAX_INDEX_CHARS,
     MAX_QUERY_CHARS,
     RerankExt,
+    check_json_media_type,
     parse_json_object,
     parse_rerank_ext,
     parse_search_request,
@@ -419,3 +420,53 @@ def test_rerank_ext_document_fields_must_be_a_non_empty_list_of_names(fields: An
     assert_bad_request(
         error, "[ext.rerank.document_fields] must be a non-empty list of at most 32 field names"
     )
+
+
+def test_duplicate_keys_are_refused_as_opensearch_does() -> None:
+    with pytest.raises(ApiError, match="Duplicate field 'query'") as raised:
+        parse_json_object(b'{"index": "i", "query": "a", "query": "b"}')
+    assert raised.value.status == 400
+    with pytest.raises(ApiError, match="Duplicate field 'k'"):
+        parse_json_object(b'{"nested": {"k": 1, "k": 2}}')
+
+
+def test_numbers_longer_than_jacksons_limit_are_a_400_not_a_500() -> None:
+    digits = "9" * 4301  # beyond Python's int-string limit too
+    with pytest.raises(
+        ApiError, match=r"Number value length \(4301\) exceeds the maximum allowed \(1000\)"
+    ):
+        parse_json_object(f'{{"k": {digits}}}'.encode())
+    with pytest.raises(ApiError, match="exceeds the maximum"):
+        parse_json_object(f'{{"k": 1.{"5" * 1000}}}'.encode())
+    assert parse_json_object(f'{{"k": {"9" * 1000}}}'.encode())["k"] == int("9" * 1000)
+
+
+def test_an_unpaired_surrogate_in_the_query_is_a_400() -> None:
+    body = parse_json_object(b'{"index": "i", "query": "caf\\ud800"}')
+    with pytest.raises(ApiError, match=r"\[query\] contains an unpaired UTF-16 surrogate"):
+        parse_search_request(body, Settings())
+    paired = parse_json_object(b'{"index": "i", "query": "\\ud83d\\ude00 smile"}')
+    assert parse_search_request(paired, Settings()).query == "\U0001f600 smile"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "accepted"),
+    [
+        ("application/json", True),
+        ("application/json; charset=UTF-8", True),
+        ("Application/JSON", True),
+        ("application/vnd.opensearch+json", True),
+        ("text/plain", False),
+        ("application/x-www-form-urlencoded", False),
+        (None, False),
+    ],
+)
+def test_only_json_bodies_are_read_as_opensearch_does(
+    content_type: str | None, accepted: bool
+) -> None:
+    if accepted:
+        check_json_media_type(content_type)
+        return
+    with pytest.raises(ApiError, match="Content-Type header") as raised:
+        check_json_media_type(content_type)
+    assert raised.value.status == 406

@@ -284,3 +284,7 @@ def test_filter_on_a_field_the_index_does_not_search_is_refused_by_name() -> Non
         check_filter(profile, "idx", {"term": {"opaque.kind": "x"}})
     with pytest.raises(ProfileError, match="'stored_only'"):
         check_filter(profile, "idx", {"bool": {"filter": [{"term": {"stored_only": "x"}}]}})
+
+
+def test_read_text_replaces_unpaired_surrogates_for_the_tokenizer() -> None:
+    assert read_text({"t": "caf\ud800 ok \U0001f600"}, ["t"]) == "caf\ufffd ok \U0001f600"

@@ -169,6 +169,13 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.deadline_exceeded = Counter(
+            "sidecar_deadline_exceeded_total",
+            "Requests whose time budget (SIDECAR_REQUEST_TIMEOUT_S) ran out before there was "
+            "anything to return, by the stage that was running (answered 504)",
+            ["stage"],
+            registry=registry,
+        )
         self.rerank_skipped = Counter(
             "sidecar_rerank_skipped_total",
             "_search requests with ext.rerank answered by the cluster unreranked, by the "

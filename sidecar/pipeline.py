@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from cachetools import LRUCache
 
@@ -27,7 +28,32 @@ from sidecar.retrieval.profiles import IndexProfile, check_filter, read_text
 from sidecar.retrieval.queries import Filter
 from sidecar.scoring import blend, minmax_first_stage, normalize_scores
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+class DeadlineExceeded(Exception):
+    """The request's time budget ran out in `stage`, before there was anything to return."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"deadline exceeded in {stage}")
+        self.stage = stage
+
+
+async def within(deadline: float, stage: str, work: Coroutine[Any, Any, T], metrics: Metrics) -> T:
+    """`work`, given what is left of the request's budget (`deadline`, on the loop's clock).
+
+    Raises DeadlineExceeded (counted by stage) when it cannot finish in time."""
+    remaining_s = deadline - asyncio.get_running_loop().time()
+    if remaining_s <= 0:
+        work.close()
+    else:
+        try:
+            return await asyncio.wait_for(work, remaining_s)
+        except TimeoutError:
+            pass
+    metrics.deadline_exceeded.labels(stage).inc()
+    raise DeadlineExceeded(stage)
 
 
 class RerankUnavailable(Exception):
@@ -147,13 +173,20 @@ class SearchPipeline:
         """
         timings = Timings(self.metrics)
         started = time.perf_counter()
-        profile = await self.profiles.resolve(request.index, request.caller_headers)
+        profile = await within(
+            deadline,
+            "retrieve",
+            self.profiles.resolve(request.index, request.caller_headers),
+            self.metrics,
+        )
         if request.filter is not None:
             check_filter(profile, request.index, request.filter)
         vector = None
         if profile.embedding == "local":
             stage = time.perf_counter()
-            vector, cached = await self.embed_query(request.query, profile.model)
+            vector, cached = await within(
+                deadline, "embed", self.embed_query(request.query, profile.model), self.metrics
+            )
             log_stage("embed", timings.record("embed", stage), cached=cached)
         stage = time.perf_counter()
         first_stage = FirstStageQuery(
@@ -168,7 +201,9 @@ class SearchPipeline:
             headers=request.caller_headers,
         )
         try:
-            retrieved = await retrieve(self._upstream, first_stage)
+            retrieved = await within(
+                deadline, "retrieve", retrieve(self._upstream, first_stage), self.metrics
+            )
         except UpstreamError as error:
             if error.status == 400:
                 # Refused by the cluster: the mapping the profile was built from may be stale.

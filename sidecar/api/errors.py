@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.pipeline import RerankUnavailable
+from sidecar.pipeline import DeadlineExceeded, RerankUnavailable
 from sidecar.rerank.batcher import Overloaded
 from sidecar.retrieval.opensearch import UpstreamError, error_body
 from sidecar.retrieval.profiles import ProfileError
@@ -76,6 +76,12 @@ def _classify(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
             error_body(429, "rejected_execution_exception", reason),
             {"Retry-After": retry_after},
         )
+    if isinstance(error, DeadlineExceeded):
+        reason = (
+            f"the request did not finish within its time budget (SIDECAR_REQUEST_TIMEOUT_S); "
+            f"the {error.stage} stage was still running"
+        )
+        return 504, error_body(504, "timeout_exception", reason), {}
     if isinstance(error, RerankUnavailable):
         reason = f"reranking unavailable ({error.reason}) and the sidecar is configured fail-closed"
         return 503, error_body(503, "rerank_unavailable_exception", reason), {}

@@ -23,7 +23,7 @@ from sidecar.api.responses import (
 )
 from sidecar.api.schemas import is_json_media_type, load_json, parse_rerank_ext
 from sidecar.logging import log_stage
-from sidecar.pipeline import Timings
+from sidecar.pipeline import Timings, within
 from sidecar.retrieval.fusion import Candidate
 from sidecar.retrieval.profiles import ProfileError, read_text
 from sidecar.services import SERVICES
@@ -77,8 +77,11 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     index = request.match_info.get("index")
     caller = services.identity.for_caller(request.headers)
     try:
-        profile = await services.pipeline.profiles.resolve(
-            index or "_all", caller, need_vector=False
+        profile = await within(
+            deadline,
+            "retrieve",
+            services.pipeline.profiles.resolve(index or "_all", caller, need_vector=False),
+            services.pipeline.metrics,
         )
         document_fields = rerank_ext.document_fields or profile.document_fields
         max_chars = profile.max_chars_per_field
@@ -102,7 +105,12 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         upstream_body["ext"] = remaining_ext
     timings = Timings(services.pipeline.metrics)
     stage = time.perf_counter()
-    response = await services.upstream.search(index, upstream_body, params, headers=caller)
+    response = await within(
+        deadline,
+        "retrieve",
+        services.upstream.search(index, upstream_body, params, headers=caller),
+        services.pipeline.metrics,
+    )
     log_stage(
         "retrieve", timings.record("retrieve", stage), candidates=len(response["hits"]["hits"])
     )

@@ -173,6 +173,9 @@ class SearchPipeline:
         """
         timings = Timings(self.metrics)
         started = time.perf_counter()
+        if request.rerank:
+            # Refused before any work: a 429 costs neither an embedding nor a search.
+            self.check_admission(request.candidates)
         profile = await within(
             deadline,
             "retrieve",
@@ -251,6 +254,10 @@ class SearchPipeline:
             retrieved=retrieved,
             profile=profile,
         )
+
+    def check_admission(self, candidates: int) -> None:
+        """Raises Overloaded when the reranker would refuse `candidates` pairs now."""
+        self._reranker.check_admission(candidates)
 
     async def rerank(
         self,

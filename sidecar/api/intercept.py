@@ -74,6 +74,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         raise bad_request(
             f"[from] + [size] ({offset + size}) must not exceed [ext.rerank.window] ({rerank_ext.window})"
         )
+    services.pipeline.check_admission(rerank_ext.window)
     index = request.match_info.get("index")
     caller = services.identity.for_caller(request.headers)
     try:

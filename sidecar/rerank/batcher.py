@@ -25,7 +25,8 @@ class BatchLimits:
     max_batch_tokens: int = 16384
     # How long a queued pair may wait for company before its batch is cut.
     max_wait_s: float = 0.002
-    # Admission bound on pairs queued or running; beyond it submit raises Overloaded.
+    # Admission bound on pairs queued or running; beyond it submit raises Overloaded (a request
+    # larger than the bound is admitted only when nothing else is pending).
     max_pending_pairs: int = 4096
     # False: a batch only ever holds pairs of one request and never waits for company (the
     # per-request baseline that benchmarks compare cross-request batching against).
@@ -137,11 +138,20 @@ class MicroBatcher(Generic[T]):
         """Pairs admitted and not yet finished (queued or running)."""
         return self._pending_pairs
 
+    def check_admission(self, pairs: int) -> None:
+        """Raises Overloaded if `pairs` more would not be admitted now: callers ask before doing
+        the work that would produce them (embedding, the first stage)."""
+        pending = self._pending_pairs
+        if pending > 0 and pending + pairs > self._limits.max_pending_pairs:
+            # Time to drain the backlog at the last batch's pace; Retry-After has whole seconds.
+            raise Overloaded(max(1.0, pending * self._last_s_per_pair))
+
     async def submit(self, items: Sequence[tuple[T, int]]) -> list[float]:
         """Score one request's (payload, token_length) items; one score per item, in order.
 
         Raises Overloaded at once, queuing nothing, when the items would take pending_pairs past
-        max_pending_pairs (so a request larger than that is never admitted); BatcherClosed when the
+        max_pending_pairs while other pairs are pending (alone, any request is admitted: it is
+        never starved); BatcherClosed when the
         batcher is not running or stops first; otherwise whatever run_batch raised for a batch
         holding one of the items. Cancelling the caller drops its items not yet run.
         """
@@ -149,9 +159,7 @@ class MicroBatcher(Generic[T]):
             return []
         if self._task is None or self._closed:
             raise BatcherClosed("the micro-batcher is not running")
-        if self._pending_pairs + len(items) > self._limits.max_pending_pairs:
-            # Time to drain the backlog at the last batch's pace; Retry-After has whole seconds.
-            raise Overloaded(max(1.0, self._pending_pairs * self._last_s_per_pair))
+        self.check_admission(len(items))
         request = _Request(
             future=asyncio.get_running_loop().create_future(),
             scores=[0.0] * len(items),

@@ -54,6 +54,11 @@ class Reranker:
         self._prepare_executor = prepare_executor
         self._overlap_tokens = overlap_tokens
 
+    def check_admission(self, documents: int) -> None:
+        """Raises Overloaded when `documents` more pairs (one each: an estimate, before cache hits
+        and chunks are known) would not be admitted now."""
+        self._batcher.check_admission(documents)
+
     async def score(
         self,
         query: str,

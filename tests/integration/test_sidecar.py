@@ -8,6 +8,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -202,18 +203,62 @@ def test_slow_model_fails_open_to_the_first_stage_order_or_closed_with_503(
         assert answer["error"]["type"] == "rerank_unavailable_exception"
 
 
-def test_admission_bound_answers_429_with_retry_after(
+class ScoringStarted(StalledBackend):
+    """A StalledBackend that says when its first batch has reached the model."""
+
+    def __init__(self, inner: CrossEncoderBackend) -> None:
+        super().__init__(inner)
+        self.entered = threading.Event()
+
+    def score(self, pairs: Sequence[ScoringPair]) -> list[float]:
+        self.entered.set()
+        return super().score(pairs)
+
+
+def upstream_calls(server: RunningSidecar) -> float:
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return sum(
+        float(line.split()[-1])
+        for line in lines
+        if line.startswith("sidecar_upstream_requests_total")
+    )
+
+
+def test_admission_is_decided_before_any_work_and_a_large_request_alone_is_admitted(
     opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path, pydoc_index: str
 ) -> None:
-    with running_sidecar(
-        opensearch.url, tiny_cross_encoder, encoder, rerank_max_pending_pairs=10
-    ) as server:
+    """With a bound of 10 pending pairs, a 20-candidate request alone is admitted (never
+    starved); while it is being scored, the next one gets a 429 with Retry-After before its
+    embedding and first stage: no upstream call is made for it."""
+    backend = ScoringStarted(
+        CrossEncoderBackend(str(tiny_cross_encoder), device="cpu", dtype="float32", max_length=128)
+    )
+    body = {"index": pydoc_index, "query": QUERY, "candidates": 20}
+    with (
+        running_sidecar(
+            opensearch.url,
+            tiny_cross_encoder,
+            encoder,
+            backend=backend,
+            rerank_max_pending_pairs=10,
+        ) as server,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        first = pool.submit(post, f"{server.url}/v1/search", body)
+        assert backend.entered.wait(60)
+        before = upstream_calls(server)
         status, answer, headers = post(
-            f"{server.url}/v1/search", {"index": pydoc_index, "query": QUERY, "candidates": 20}
+            f"{server.url}/v1/search", body | {"query": "another question entirely"}
         )
+        assert upstream_calls(server) == before, "a refused request costs the cluster nothing"
+        backend.gate.set()
+        first_status, first_answer, _ = first.result(timeout=120)
     assert status == 429
     assert answer["error"]["type"] == "rejected_execution_exception"
     assert int(headers["Retry-After"]) >= 1
+    assert first_status == 200, first_answer
+    assert first_answer["rerank"]["pairs_scored"] == 20
 
 
 def test_intercepted_search_is_reranked_in_opensearch_shape(

@@ -452,3 +452,24 @@ def test_running_reflects_the_loop() -> None:
             return before, during, batcher.running
 
     assert asyncio.run(scenario()) == (False, True, False)
+
+
+def test_a_request_larger_than_the_bound_is_admitted_alone_and_never_starved() -> None:
+    model = FakeModel()
+
+    async def scenario() -> None:
+        limits = BatchLimits(max_pending_pairs=2, max_wait_s=0)
+        async with running_batcher(model, limits) as batcher:
+            assert await batcher.submit([(1, 2), (2, 2), (3, 2)]) == [1.0, 2.0, 3.0]
+            held = await hold_model(batcher, model)
+            with pytest.raises(Overloaded):
+                batcher.check_admission(3)
+            with pytest.raises(Overloaded):
+                await batcher.submit([(4, 2), (5, 2), (6, 2)])
+            batcher.check_admission(1)  # room for one more beside the held pair
+            model.release.set()
+            assert await held == [0.0]
+            batcher.check_admission(3)
+        assert model.ran() == {1, 2, 3, HELD}
+
+    run(scenario)

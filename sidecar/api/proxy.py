@@ -151,7 +151,8 @@ async def forward(
     except aiohttp.ClientConnectorCertificateError as error:
         log.warning("upstream TLS handshake failed: %s", error)
         raise tls_refused() from error
-    except (aiohttp.ClientConnectionError, TimeoutError) as error:
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as error:
+        # ClientPayloadError: the cluster closed or reset the connection inside the body.
         log.warning("upstream request failed: %s", error)
         if response is not None and response.prepared:
             # The status line is gone already; cutting the body short is all that is left to say.

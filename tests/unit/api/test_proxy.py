@@ -3,6 +3,7 @@ import gzip
 import json
 import random
 import socket
+import struct
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -101,7 +102,7 @@ def front_app(
             request_id_var.set(request_id)
         try:
             return await forward(request, session, upstream_url, identity, max_body_bytes, METRICS)
-        except ApiError as error:
+        except Exception as error:  # as the app's edge middleware does
             return error_response(error)
 
     app = web.Application()
@@ -802,5 +803,43 @@ def test_a_body_that_does_not_inflate_is_a_400() -> None:
             assert answer["error"]["type"] == "parsing_exception"
             assert "not valid gzip" in answer["error"]["reason"]
         assert upstream.received == []
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_upstream_that_breaks_mid_body_cuts_the_client_off_at_once(
+    reset: bool, chunked: bool
+) -> None:
+    """The cluster announces 1,000 bytes, sends 10 and closes (or resets) the connection: the
+    client's transfer must end there, truncated, not hang until some idle timeout."""
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        )
+        writer.write(b'{"hits": [')
+        await writer.drain()
+        if reset:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(broken, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with (
+                proxied(FakeUpstream(), upstream_url=URL(f"http://127.0.0.1:{port}/")) as proxy,
+                proxy.client.get(proxy.url("/idx/_search")) as response,
+            ):
+                assert response.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+        finally:
+            server.close()
+            await server.wait_closed()
 
     run(scenario)

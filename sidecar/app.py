@@ -8,6 +8,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypedDict
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -204,6 +205,20 @@ def upstream_tls(settings: Settings) -> ssl.SSLContext | None:
         )
     except TlsError as error:
         raise SettingsError(str(error)) from None
+
+
+class ListenerOptions(TypedDict):
+    keepalive_timeout: float
+    lingering_time: float
+
+
+def listener_options(settings: Settings) -> ListenerOptions:
+    """aiohttp's connection handling for the listener: idle keep-alive bounded, and after an
+    answer sent before the request body was read (413, 408), the rest is drained for at most
+    a second before the connection is closed (aiohttp's default is 10 s)."""
+    return ListenerOptions(
+        keepalive_timeout=settings.listen_keepalive_timeout_s, lingering_time=1.0
+    )
 
 
 def listener_tls(settings: Settings) -> ssl.SSLContext | None:

@@ -298,7 +298,7 @@ def _add_sidecar_and_loading_urls(command: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from aiohttp import web
 
-    from sidecar.app import create_app, listener_tls
+    from sidecar.app import create_app, listener_options, listener_tls
     from sidecar.logging import configure_json_logging
 
     if args.listen_port:
@@ -310,6 +310,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=settings.listen_host,
         port=settings.listen_port,
         ssl_context=listener_tls(settings),
+        **listener_options(settings),
         access_log=None,
         print=lambda message: log.info(message.strip()),
     )

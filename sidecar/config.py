@@ -219,6 +219,11 @@ class Settings:
     fail_mode: FailMode = "open"
     # Request bodies larger than this are refused with 413 (search and pass-through alike).
     max_body_bytes: int = 10 * 1024 * 1024
+    # Longest wait for the next piece of a request body (nginx's client_body_timeout): a client
+    # that announces more than it sends gets a 408 instead of holding the connection.
+    client_body_timeout_s: float = 10.0
+    # How long an idle keep-alive connection to the sidecar is kept open.
+    listen_keepalive_timeout_s: float = 30.0
     # Per-request timeout towards OpenSearch (pass-through and first stage).
     upstream_timeout_s: float = 30.0
     # TLS towards an https cluster: a CA bundle (else the system trust store), a client

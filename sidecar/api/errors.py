@@ -39,7 +39,10 @@ def error_response(error: Exception) -> web.Response:
         # The cluster's own plain-text answer (e.g. the security plugin's 401), as it sent it.
         return web.Response(text=error.text, status=error.status, headers=error.headers)
     status, body, headers = _classify(error)
-    return web.json_response(body, status=status, headers=headers)
+    response = web.json_response(body, status=status, headers=headers)
+    if headers.get("Connection") == "close":
+        response.force_close()  # the rest of the request is not coming: let the client go
+    return response
 
 
 def rejection_reason(error: Exception) -> str | None:

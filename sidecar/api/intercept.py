@@ -36,7 +36,11 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     """`_search` with `ext.rerank` is reranked; any other `_search` passes through untouched."""
     services = request.app[SERVICES]
     settings = services.settings
-    raw = await proxy.read_body(request, settings.max_body_bytes) if request.can_read_body else b""
+    raw = (
+        await proxy.read_body(request, settings.max_body_bytes, settings.client_body_timeout_s)
+        if request.can_read_body
+        else b""
+    )
     try:
         # A duplicate key or an overlong number is refused here with OpenSearch's own message
         # (the cluster itself answers an overlong number with a 500).

@@ -5,6 +5,7 @@ what UpstreamIdentity lets through (Authorization in the default `forward` mode)
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -62,14 +63,15 @@ def create_session(
     )
 
 
-async def read_body(request: web.Request, max_body_bytes: int) -> bytes:
-    """The whole request body, refusing more than `max_body_bytes` with 413. aiohttp inflates a
-    gzip- or deflate-encoded body as it is read; one that does not inflate is a 400."""
+async def read_body(request: web.Request, max_body_bytes: int, idle_timeout_s: float) -> bytes:
+    """The whole request body, refusing more than `max_body_bytes` with 413, and a client that
+    sends nothing more for `idle_timeout_s` with 408. aiohttp inflates a gzip- or
+    deflate-encoded body as it is read; one that does not inflate is a 400."""
     if request.content_length is not None and request.content_length > max_body_bytes:
         raise _too_large(max_body_bytes)
     body = bytearray()
     try:
-        while chunk := await request.content.read(max_body_bytes + 1 - len(body)):
+        while chunk := await _next_chunk(request, max_body_bytes + 1 - len(body), idle_timeout_s):
             body += chunk
             if len(body) > max_body_bytes:
                 raise _too_large(max_body_bytes)
@@ -83,6 +85,19 @@ async def read_body(request: web.Request, max_body_bytes: int) -> bytes:
     return bytes(body)
 
 
+async def _next_chunk(request: web.Request, limit: int, idle_timeout_s: float) -> bytes:
+    try:
+        return await asyncio.wait_for(request.content.read(limit), idle_timeout_s)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout_exception",
+            f"the request body stopped arriving for {idle_timeout_s:g} s "
+            "(SIDECAR_CLIENT_BODY_TIMEOUT_S)",
+            {"Connection": "close"},
+        ) from None
+
+
 async def forward(
     request: web.Request,
     session: aiohttp.ClientSession,
@@ -92,6 +107,8 @@ async def forward(
     metrics: Metrics,
     body: bytes | None = None,
     added_headers: Mapping[str, str] | None = None,
+    *,
+    body_timeout_s: float,
 ) -> web.StreamResponse:
     """Send `request` upstream and stream the answer back. `body`: already read by the caller;
     `added_headers`: the sidecar's own, added to the answer.
@@ -106,7 +123,7 @@ async def forward(
             or identity.signer is not None
             or "Content-Encoding" in request.headers
         ):
-            body = await read_body(request, max_body_bytes)
+            body = await read_body(request, max_body_bytes, body_timeout_s)
         elif request.content_length > max_body_bytes:
             raise _too_large(max_body_bytes)
     headers = identity.pass_through(_end_to_end(request.headers))

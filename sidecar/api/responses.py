@@ -34,6 +34,7 @@ async def forward_upstream(
         services.pipeline.metrics,
         body,
         added_headers,
+        body_timeout_s=services.settings.client_body_timeout_s,
     )
 
 

@@ -143,7 +143,11 @@ async def native_search(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     deadline = asyncio.get_running_loop().time() + services.settings.request_timeout_s
     check_json_media_type(request.headers.get("Content-Type"))
-    body = parse_json_object(await proxy.read_body(request, services.settings.max_body_bytes))
+    body = parse_json_object(
+        await proxy.read_body(
+            request, services.settings.max_body_bytes, services.settings.client_body_timeout_s
+        )
+    )
     search = replace(
         parse_search_request(body, services.settings),
         caller_headers=services.identity.for_caller(request.headers),

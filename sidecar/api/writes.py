@@ -56,7 +56,8 @@ async def write_bulk(request: web.Request) -> web.StreamResponse:
 async def _write_body(request: web.Request) -> bytes:
     """The write's body as the write path reads it: aiohttp has inflated a gzip- or
     deflate-encoded one already."""
-    return await proxy.read_body(request, request.app[SERVICES].settings.max_body_bytes)
+    settings = request.app[SERVICES].settings
+    return await proxy.read_body(request, settings.max_body_bytes, settings.client_body_timeout_s)
 
 
 async def _forward_write(

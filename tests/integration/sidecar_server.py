@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.app import create_app, listener_tls
+from sidecar.app import ListenerOptions, create_app, listener_options, listener_tls
 from sidecar.config import Settings
 from sidecar.embedding import BiEncoder
 from sidecar.rerank.backend import RerankBackend
@@ -21,9 +21,18 @@ from sidecar.rerank.backend import RerankBackend
 class RunningSidecar:
     """The app served by aiohttp on 127.0.0.1:<free port> from its own event loop thread."""
 
-    def __init__(self, app: web.Application, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        tls: ssl.SSLContext | None = None,
+        options: ListenerOptions | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = (
+            web.AppRunner(app, access_log=None)
+            if options is None
+            else web.AppRunner(app, access_log=None, **options)
+        )
         try:
             self._loop.run_until_complete(self._runner.setup())
         except BaseException:
@@ -76,7 +85,9 @@ def running_sidecar(
     give the listener a certificate (as `sidecar serve` would)."""
     settings = sidecar_settings(opensearch_url, model, **overrides)
     server = RunningSidecar(
-        create_app(settings, backend=backend, encoder=encoder), listener_tls(settings)
+        create_app(settings, backend=backend, encoder=encoder),
+        listener_tls(settings),
+        listener_options(settings),
     )
     try:
         yield server

@@ -5,6 +5,7 @@ timeout. The upstream is the real node behind a front that holds searches until 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -79,3 +80,30 @@ def test_a_stalled_first_stage_is_a_504_at_the_deadline(
     assert "retrieve stage" in answer["error"]["reason"]
     assert elapsed_s < BUDGET_S + MARGIN_S
     assert 'sidecar_deadline_exceeded_total{stage="retrieve"} 1.0' in exposed
+
+
+@pytest.mark.parametrize("path", ["/v1/search", "/test-pydoc/_search", "/test-pydoc/_doc/1"])
+def test_a_client_that_stops_sending_its_body_gets_a_408_and_is_let_go(
+    opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path, pydoc_index: str, path: str
+) -> None:
+    """Content-Length 1,000 announced, 10 bytes sent, then silence (a slow-body attack): the
+    sidecar answers 408 after SIDECAR_CLIENT_BODY_TIMEOUT_S and closes the connection."""
+    with running_sidecar(
+        opensearch.url, tiny_cross_encoder, encoder, client_body_timeout_s=BUDGET_S
+    ) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        started = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=BUDGET_S + MARGIN_S) as client:
+            method = "PUT" if "_doc" in path else "POST"
+            client.sendall(
+                f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 1000\r\n\r\n".encode()
+                + b'{"query": '
+            )
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+        elapsed_s = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request_timeout_exception" in answer
+    assert elapsed_s < BUDGET_S + MARGIN_S, "answered and closed, not held"

@@ -101,7 +101,15 @@ def front_app(
         if request_id is not None:
             request_id_var.set(request_id)
         try:
-            return await forward(request, session, upstream_url, identity, max_body_bytes, METRICS)
+            return await forward(
+                request,
+                session,
+                upstream_url,
+                identity,
+                max_body_bytes,
+                METRICS,
+                body_timeout_s=HANG_GUARD_S,
+            )
         except Exception as error:  # as the app's edge middleware does
             return error_response(error)
 
@@ -654,7 +662,7 @@ def test_read_body_returns_a_body_that_has_fully_arrived(declared: bool) -> None
         request, reader = body_request(asyncio.get_running_loop(), len(body) if declared else None)
         reader.feed_data(body)
         reader.feed_eof()
-        assert await read_body(request, max_body_bytes=1024) == body
+        assert await read_body(request, max_body_bytes=1024, idle_timeout_s=HANG_GUARD_S) == body
 
     run(scenario)
 
@@ -672,7 +680,9 @@ def test_read_body_waits_for_a_body_that_arrives_in_pieces(declared: bool) -> No
             reader.feed_data(rest)
             reader.feed_eof()
 
-        reading = asyncio.ensure_future(read_body(request, max_body_bytes=1024))
+        reading = asyncio.ensure_future(
+            read_body(request, max_body_bytes=1024, idle_timeout_s=HANG_GUARD_S)
+        )
         # Scheduled after the read's first step: the rest arrives once read_body is waiting.
         loop.call_soon(arrive_rest)
         assert await reading == first + rest
@@ -685,7 +695,7 @@ def test_read_body_refuses_a_declared_length_above_the_limit_without_reading() -
         request, reader = body_request(asyncio.get_running_loop(), content_length=2048)
         reader.feed_data(b"z" * 10)
         with pytest.raises(ApiError) as caught:
-            await read_body(request, max_body_bytes=1024)
+            await read_body(request, max_body_bytes=1024, idle_timeout_s=HANG_GUARD_S)
         assert (caught.value.status, caught.value.error_type) == (413, "content_too_long_exception")
         assert reader.total_bytes == 10
         assert await reader.read(10) == b"z" * 10
@@ -699,7 +709,7 @@ def test_read_body_refuses_an_undeclared_body_above_the_limit() -> None:
         reader.feed_data(b"z" * 1025)
         reader.feed_eof()
         with pytest.raises(ApiError) as caught:
-            await read_body(request, max_body_bytes=1024)
+            await read_body(request, max_body_bytes=1024, idle_timeout_s=HANG_GUARD_S)
         assert caught.value.status == 413
         assert SIZE_LIMIT_REASON in caught.value.reason
 
@@ -841,5 +851,21 @@ def test_an_upstream_that_breaks_mid_body_cuts_the_client_off_at_once(
         finally:
             server.close()
             await server.wait_closed()
+
+    run(scenario)
+
+
+def test_a_body_that_stops_arriving_is_a_408_not_a_held_connection() -> None:
+    """The client announced 1,000 bytes and sent 10: after the idle timeout the request is
+    refused, and the connection is to be closed."""
+
+    async def scenario() -> None:
+        request, reader = body_request(asyncio.get_running_loop(), content_length=1000)
+        reader.feed_data(b"z" * 10)
+        with pytest.raises(ApiError) as caught:
+            await read_body(request, max_body_bytes=2048, idle_timeout_s=0.05)
+        assert (caught.value.status, caught.value.error_type) == (408, "request_timeout_exception")
+        assert "SIDECAR_CLIENT_BODY_TIMEOUT_S" in caught.value.reason
+        assert caught.value.headers == {"Connection": "close"}
 
     run(scenario)

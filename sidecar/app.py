@@ -98,7 +98,7 @@ def create_app(
         )
         await batcher.start()
         upstream = Upstream(
-            settings.opensearch_url, settings.upstream_timeout_s, metrics, identity, tls
+            settings.opensearch_urls, settings.upstream_timeout_s, metrics, identity, tls
         )
         session = proxy.create_session(settings.upstream_timeout_s, tls)
         try:
@@ -131,7 +131,7 @@ def create_app(
                 writes=WritePath(profiles, encoders, embed_executor, metrics),
                 upstream=upstream,
                 session=session,
-                upstream_url=URL(settings.opensearch_url).with_user(None),
+                upstream_urls=tuple(URL(url).with_user(None) for url in settings.opensearch_urls),
                 identity=identity,
                 batcher=batcher,
             )
@@ -197,7 +197,7 @@ def upstream_tls(settings: Settings) -> ssl.SSLContext | None:
     """Raises SettingsError when a TLS file cannot be used."""
     try:
         return client_context(
-            settings.opensearch_url,
+            settings.opensearch_urls[0],
             ca_certs=settings.upstream_ca_certs,
             client_cert=settings.upstream_client_cert,
             client_key=settings.upstream_client_key,

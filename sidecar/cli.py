@@ -621,7 +621,7 @@ def _client(settings: Settings) -> OpenSearch:
 
     identity = upstream_identity(settings)
     return OpenSearch(
-        hosts=[settings.opensearch_url],
+        hosts=list(settings.opensearch_urls),
         timeout=60,
         ssl_context=upstream_tls(settings),
         headers=identity.own(),

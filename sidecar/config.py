@@ -162,7 +162,8 @@ class LocalNodeSettings:
 class Settings:
     """Everything the sidecar's commands need, validated at construction."""
 
-    # The OpenSearch cluster the sidecar fronts (its upstream) and the indexing commands write to.
+    # The OpenSearch cluster the sidecar fronts (its upstream) and the indexing commands write to;
+    # several nodes of it comma-separated (searches and connect failures go to the next).
     opensearch_url: str = "http://127.0.0.1:9200"
     # Where `sidecar serve` listens.
     listen_host: str = "127.0.0.1"
@@ -262,8 +263,13 @@ class Settings:
 
     def __post_init__(self) -> None:
         _require(
-            re.match(r"https?://", self.opensearch_url) is not None,
+            bool(self.opensearch_urls)
+            and all(re.match(r"https?://", url) for url in self.opensearch_urls),
             f"SIDECAR_OPENSEARCH_URL must start with http:// or https://, got {self.opensearch_url!r}",
+        )
+        _require(
+            len({url.split("://")[0] for url in self.opensearch_urls}) == 1,
+            "SIDECAR_OPENSEARCH_URL: the nodes must all be http:// or all https://",
         )
         _require(1 <= self.listen_port <= 65535, "SIDECAR_LISTEN_PORT must be 1-65535")
         for name in ("embedding_dtype", "reranker_dtype"):
@@ -340,6 +346,11 @@ class Settings:
             self.service_aws_service in ("es", "aoss"),
             f"SIDECAR_SERVICE_AWS_SERVICE must be es or aoss, got {self.service_aws_service!r}",
         )
+
+    @property
+    def opensearch_urls(self) -> tuple[str, ...]:
+        """The cluster's nodes, in the order given."""
+        return tuple(url.strip() for url in self.opensearch_url.split(",") if url.strip())
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

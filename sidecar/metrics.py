@@ -183,6 +183,13 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.upstream_failover = Counter(
+            "sidecar_upstream_failover_total",
+            "Upstream requests sent to another node after one could not be reached, by path "
+            "(the first stage's client retries searches on connection errors itself)",
+            ["kind"],
+            registry=registry,
+        )
         self.msearch_fallback = Counter(
             "sidecar_msearch_fallback_total",
             "First-stage _msearch calls refused with 403 and run as parallel _search calls instead",

@@ -26,7 +26,8 @@ class Services:
     upstream: Upstream
     # Pass-through client (raw bytes) and its target, without credentials: clients bring their own.
     session: aiohttp.ClientSession
-    upstream_url: URL
+    # The cluster's nodes, for the pass-through and the reads made for writes.
+    upstream_urls: tuple[URL, ...]
     # Whose identity each upstream call carries.
     identity: UpstreamIdentity
     # The reranker's batcher: readiness requires its loop to be alive.

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,7 @@ from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import UpstreamError, error_body
 
 log = logging.getLogger(__name__)
+_turns = itertools.count()
 
 _CHUNK_BYTES = 64 * 1024
 # RFC 9110 section 7.6.1 connection-specific headers, plus Host (set for the upstream by the client).
@@ -101,7 +103,7 @@ async def _next_chunk(request: web.Request, limit: int, idle_timeout_s: float) -
 async def forward(
     request: web.Request,
     session: aiohttp.ClientSession,
-    upstream: URL,
+    upstreams: Sequence[URL],
     identity: UpstreamIdentity,
     max_body_bytes: int,
     metrics: Metrics,
@@ -110,12 +112,15 @@ async def forward(
     *,
     body_timeout_s: float,
 ) -> web.StreamResponse:
-    """Send `request` upstream and stream the answer back. `body`: already read by the caller;
-    `added_headers`: the sidecar's own, added to the answer.
+    """Send `request` to one of the cluster's nodes (`upstreams`, taken in turn) and stream the
+    answer back. `body`: already read by the caller; `added_headers`: the sidecar's own, added
+    to the answer.
 
     A body with a known length is streamed through unread; one without is read (bounded) first,
     and so is a signed one (the signature covers its hash) and a compressed one: aiohttp has
-    inflated it, so it goes on inflated, without its Content-Encoding.
+    inflated it, so it goes on inflated, without its Content-Encoding. A node that cannot be
+    connected to is skipped for the next (nothing was sent, so writes too); a request that has
+    reached a node is never sent to another.
     """
     if body is None and request.can_read_body:
         if (
@@ -131,93 +136,123 @@ async def forward(
         # Every body read here or by a caller came through aiohttp, which inflated it.
         headers.popall("Content-Encoding", None)
         headers["Content-Length"] = str(len(body))
-    target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
-    if identity.signer is not None:
-        headers.update(identity.signer(request.method, str(target), body, headers))
-    # A file-like payload: aiohttp writes large bytes in one blocking call otherwise.
-    payload = (
-        io.BytesIO(body)
-        if body is not None
-        else (request.content if request.can_read_body else None)
-    )
-    response: web.StreamResponse | None = None
-    started = time.perf_counter()
-    status = "error"
-    try:
-        async with session.request(
-            request.method,
-            target,
-            headers=headers,
-            data=payload,
-            allow_redirects=False,
-            skip_auto_headers=_NEVER_ADDED,
-        ) as answer:
-            status = str(answer.status)
-            response = web.StreamResponse(status=answer.status, reason=answer.reason)
-            response.headers.extend(_end_to_end(answer.headers))
-            response.headers.update(added_headers or {})
-            if (request_id := request_id_var.get()) is not None:
-                response.headers["X-Request-Id"] = request_id
-            if answer.content_length is not None:
-                response.content_length = answer.content_length
-            await response.prepare(request)
-            async for chunk in answer.content.iter_chunked(_CHUNK_BYTES):
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-    except aiohttp.ClientConnectorCertificateError as error:
-        log.warning("upstream TLS handshake failed: %s", error)
-        raise tls_refused() from error
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as error:
-        # ClientPayloadError: the cluster closed or reset the connection inside the body.
-        log.warning("upstream request failed: %s", error)
-        if response is not None and response.prepared:
-            # The status line is gone already; cutting the body short is all that is left to say.
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
-    finally:
-        metrics.upstream_requests.labels(status).inc()
-        metrics.upstream_duration.labels("proxy").observe(time.perf_counter() - started)
+    nodes = in_turn(upstreams)
+    for attempt, upstream in enumerate(nodes, start=1):
+        target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
+        sent = headers.copy()
+        if identity.signer is not None:
+            sent.update(identity.signer(request.method, str(target), body, headers))
+        # A file-like payload: aiohttp writes large bytes in one blocking call otherwise.
+        payload = (
+            io.BytesIO(body)
+            if body is not None
+            else (request.content if request.can_read_body else None)
+        )
+        response: web.StreamResponse | None = None
+        started = time.perf_counter()
+        status = "error"
+        try:
+            async with session.request(
+                request.method,
+                target,
+                headers=sent,
+                data=payload,
+                allow_redirects=False,
+                skip_auto_headers=_NEVER_ADDED,
+            ) as answer:
+                status = str(answer.status)
+                response = web.StreamResponse(status=answer.status, reason=answer.reason)
+                response.headers.extend(_end_to_end(answer.headers))
+                response.headers.update(added_headers or {})
+                if (request_id := request_id_var.get()) is not None:
+                    response.headers["X-Request-Id"] = request_id
+                if answer.content_length is not None:
+                    response.content_length = answer.content_length
+                await response.prepare(request)
+                async for chunk in answer.content.iter_chunked(_CHUNK_BYTES):
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except aiohttp.ClientConnectorCertificateError as error:
+            log.warning("upstream TLS handshake failed: %s", error)
+            raise tls_refused() from error
+        except aiohttp.ClientConnectorError as error:
+            log.warning("cannot connect to OpenSearch node %s: %s", upstream, error)
+            if attempt < len(nodes):
+                metrics.upstream_failover.labels("proxy").inc()
+                continue
+            raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as error:
+            # ClientPayloadError: the cluster closed or reset the connection inside the body.
+            log.warning("upstream request failed: %s", error)
+            if response is not None and response.prepared:
+                # The status line is gone already; cutting the body short is all that is left.
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+        finally:
+            metrics.upstream_requests.labels(status).inc()
+            metrics.upstream_duration.labels("proxy").observe(time.perf_counter() - started)
+    raise ApiError(502, "upstream_unreachable", "no OpenSearch node is configured")
+
+
+def in_turn(upstreams: Sequence[URL]) -> list[URL]:
+    """The nodes starting from the next one in turn, so that requests spread over them."""
+    start = next(_turns) % len(upstreams) if upstreams else 0
+    return [*upstreams[start:], *upstreams[:start]]
 
 
 async def fetch_json(
     request: web.Request,
     session: aiohttp.ClientSession,
-    upstream: URL,
+    upstreams: Sequence[URL],
     identity: UpstreamIdentity,
     metrics: Metrics,
     method: str,
     path: str,
     body: Any,
 ) -> dict[str, Any]:
-    """A JSON request made upstream on the caller's behalf, with the caller's identity: what it
-    returns is what the caller may see. Raises ApiError 502 when OpenSearch does not answer,
-    UpstreamError when it refuses."""
+    """A JSON read made upstream on the caller's behalf, with the caller's identity: what it
+    returns is what the caller may see. A node that cannot be connected to is skipped for the
+    next. Raises ApiError 502 when no node answers, UpstreamError when the cluster refuses."""
     headers = identity.pass_through(_end_to_end(request.headers))
     for name in ("Content-Length", "Content-Encoding", "Content-Type", "Accept-Encoding"):
         headers.popall(name, None)
     headers["Content-Type"] = "application/json"
     # The session does not inflate answers (pass-through bodies stay byte-for-byte): ask for none.
     headers["Accept-Encoding"] = "identity"
-    target = URL(str(upstream).rstrip("/") + path)
     sent = json.dumps(body).encode()
-    if identity.signer is not None:
-        headers.update(identity.signer(method, str(target), sent, headers))
-    started = time.perf_counter()
-    status = "error"
-    try:
-        async with session.request(
-            method, target, headers=headers, data=sent, allow_redirects=False
-        ) as answer:
-            status = str(answer.status)
-            payload = await answer.read()
-    except (aiohttp.ClientConnectionError, TimeoutError) as error:
-        raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
-    finally:
-        metrics.upstream_requests.labels(status).inc()
-        metrics.upstream_duration.labels("fetch").observe(time.perf_counter() - started)
+    nodes = in_turn(upstreams)
+    for attempt, upstream in enumerate(nodes, start=1):
+        target = URL(str(upstream).rstrip("/") + path)
+        signed = headers.copy()
+        if identity.signer is not None:
+            signed.update(identity.signer(method, str(target), sent, headers))
+        started = time.perf_counter()
+        status = "error"
+        try:
+            async with session.request(
+                method, target, headers=signed, data=sent, allow_redirects=False
+            ) as answer:
+                status = str(answer.status)
+                payload = await answer.read()
+                return _json_answer(answer, payload)
+        except aiohttp.ClientConnectorError as error:
+            if attempt < len(nodes):
+                metrics.upstream_failover.labels("fetch").inc()
+                continue
+            raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+        except (aiohttp.ClientConnectionError, TimeoutError) as error:
+            raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+        finally:
+            metrics.upstream_requests.labels(status).inc()
+            metrics.upstream_duration.labels("fetch").observe(time.perf_counter() - started)
+    raise ApiError(502, "upstream_unreachable", "no OpenSearch node is configured")
+
+
+def _json_answer(answer: aiohttp.ClientResponse, payload: bytes) -> dict[str, Any]:
+    """The cluster's JSON answer, or its refusal as an UpstreamError (challenge included)."""
     challenge = answer.headers.get("WWW-Authenticate")
     relayed = {"WWW-Authenticate": challenge} if challenge else {}
     try:

@@ -28,7 +28,7 @@ async def forward_upstream(
     return await proxy.forward(
         request,
         services.session,
-        services.upstream_url,
+        services.upstream_urls,
         services.identity,
         services.settings.max_body_bytes,
         services.pipeline.metrics,

@@ -75,7 +75,7 @@ def _stored_documents(request: web.Request) -> Fetch:
         answer = await proxy.fetch_json(
             request,
             services.session,
-            services.upstream_url,
+            services.upstream_urls,
             services.identity,
             services.pipeline.metrics,
             "POST",

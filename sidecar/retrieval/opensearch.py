@@ -93,16 +93,19 @@ class Upstream:
 
     def __init__(
         self,
-        url: str,
+        urls: Sequence[str],
         timeout_s: float,
         metrics: Metrics,
         identity: UpstreamIdentity | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        # Every call here is a read: on a connection error (refused, reset) it is retried on the
+        # cluster's other nodes, each tried once; an answer, even an error, is never retried.
         self.client = AsyncOpenSearch(
-            hosts=[url],
+            hosts=list(urls),
             timeout=timeout_s,
-            max_retries=0,
+            max_retries=len(urls) - 1,
+            retry_on_timeout=False,
             ssl_context=ssl_context,
             connection_class=_ChallengeKeepingConnection,
             http_auth=identity.signer if identity is not None else None,

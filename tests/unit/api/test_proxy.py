@@ -104,7 +104,7 @@ def front_app(
             return await forward(
                 request,
                 session,
-                upstream_url,
+                [upstream_url],
                 identity,
                 max_body_bytes,
                 METRICS,

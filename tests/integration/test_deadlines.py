@@ -107,3 +107,31 @@ def test_a_client_that_stops_sending_its_body_gets_a_408_and_is_let_go(
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"request_timeout_exception" in answer
     assert elapsed_s < BUDGET_S + MARGIN_S, "answered and closed, not held"
+
+
+def test_a_client_that_never_finishes_its_headers_is_let_go(
+    opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path
+) -> None:
+    """Slowloris: a request line and a header trickled one byte at a time, never finished. The
+    listener closes the connection after SIDECAR_LISTEN_KEEPALIVE_TIMEOUT_S, however the bytes
+    keep coming (aiohttp counts from the last complete request, not the last byte)."""
+    with running_sidecar(
+        opensearch.url, tiny_cross_encoder, encoder, listen_keepalive_timeout_s=BUDGET_S
+    ) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        started = time.monotonic()
+        closed_after_s = None
+        with socket.create_connection((host, int(port)), timeout=0.2) as client:
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: " + b"x" * 200:
+                try:
+                    client.sendall(bytes([byte]))
+                    if client.recv(1) == b"":
+                        closed_after_s = time.monotonic() - started
+                        break
+                except TimeoutError:
+                    continue  # nothing to read yet: the connection is still open
+                except OSError:
+                    closed_after_s = time.monotonic() - started
+                    break
+    assert closed_after_s is not None, "the connection was held as long as the client trickled"
+    assert closed_after_s < BUDGET_S + MARGIN_S

@@ -5,7 +5,6 @@ and the offline tools around the serving path: `bench`, `provenance`, `eval`, `t
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import json
 import logging
@@ -31,6 +30,7 @@ from sidecar.local_opensearch.artifacts import DownloadError
 from sidecar.local_opensearch.java import JavaError
 from sidecar.local_opensearch.node import LocalNode, NodeError, NodeStatus
 from sidecar.provenance import ProvenanceError
+from sidecar.retrieval.identity import basic_authorization
 from sidecar.training import HELDOUT_QRELS
 
 log = logging.getLogger("sidecar")
@@ -609,9 +609,7 @@ def _basic_auth(user: str | None, password_file: Path | None) -> dict[str, str]:
         return {}
     if password_file is None:
         raise ValueError("--user needs --password-file")
-    password = password_file.read_text().strip()
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
+    return {"Authorization": basic_authorization(user, password_file.read_text().strip())}
 
 
 def _client(settings: Settings) -> OpenSearch:

@@ -58,13 +58,9 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         # itself, without `ext.rerank`, and the caller is told why.
         request[ROUTE_LABEL] = "proxy"
         services.pipeline.metrics.rerank_skipped.labels(reason).inc()
-        remaining = {key: value for key, value in ext.items() if key != "rerank"}
-        plain = {key: value for key, value in body.items() if key != "ext"}
-        if remaining:
-            plain["ext"] = remaining
         return await forward_upstream(
             request,
-            json.dumps(plain).encode(),
+            json.dumps(_without_rerank_ext(body, ext)).encode(),
             {SKIPPED_HEADER: f"{reason}: the cluster's own answer, not reranked"},
         )
 
@@ -95,8 +91,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         if rerank_ext.document_fields is None:
             raise
         document_fields, max_chars = rerank_ext.document_fields, None
-    remaining_ext = {key: value for key, value in ext.items() if key != "rerank"}
-    upstream_body = {key: value for key, value in body.items() if key != "ext"}
+    upstream_body = _without_rerank_ext(body, ext)
     upstream_body.update(size=rerank_ext.window, **{"from": 0})
     # The reranker reads the document fields whatever `_source` the caller asked for: they come
     # back under each hit's `fields`, and are taken out again before the caller sees the hits.
@@ -106,8 +101,6 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         named = {f for f in asked_fields or [] if isinstance(f, str)}
         added_fields = [f for f in document_fields if f not in named]
         upstream_body["fields"] = [*(asked_fields or []), *added_fields]
-    if remaining_ext:
-        upstream_body["ext"] = remaining_ext
     timings = Timings(services.pipeline.metrics)
     stage = time.perf_counter()
     response = await within(
@@ -164,6 +157,14 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     response["took"] = round(total_s * 1000)
     response.setdefault("ext", {})["rerank"] = rerank_report(report)
     return json_response(response)
+
+
+def _without_rerank_ext(body: dict[str, Any], ext: dict[str, Any]) -> dict[str, Any]:
+    """The caller's search as the cluster gets it: `ext` without `rerank` (dropped if empty)."""
+    upstream = {key: value for key, value in body.items() if key != "ext"}
+    if remaining := {key: value for key, value in ext.items() if key != "rerank"}:
+        upstream["ext"] = remaining
+    return upstream
 
 
 def _not_rerankable(body: dict[str, Any], params: Mapping[str, str]) -> str | None:

@@ -30,6 +30,7 @@ from typing import Any
 from sidecar.config import LocalNodeSettings
 from sidecar.local_opensearch import java, modules, security
 from sidecar.local_opensearch.artifacts import Release, fetch
+from sidecar.retrieval.identity import basic_authorization
 
 SERVICE_USER = "opensearch-sidecar"
 ROOT_HOME = Path("/var/lib/opensearch-sidecar")
@@ -308,7 +309,7 @@ class LocalNode:
                 return False
             context = security.https_context(install)
             request.add_header(
-                "Authorization", security.basic_auth(security.ADMIN_USER, self.admin_password())
+                "Authorization", basic_authorization(security.ADMIN_USER, self.admin_password())
             )
         try:
             with urllib.request.urlopen(

@@ -8,7 +8,6 @@ The admin password is generated once and stored with mode 0600 beside the instal
 
 from __future__ import annotations
 
-import base64
 import os
 import secrets
 import ssl
@@ -67,7 +66,3 @@ def install_demo(install: Path, password: str, environ: Mapping[str, str]) -> No
 def https_context(install: Path) -> ssl.SSLContext:
     """Verifies the node against the demo root CA (its certificate names 127.0.0.1 and localhost)."""
     return ssl.create_default_context(cafile=str(install / "config" / ROOT_CA))
-
-
-def basic_auth(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

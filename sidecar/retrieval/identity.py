@@ -27,6 +27,11 @@ _PROXY_HEADER_PREFIX = "x-proxy-"
 Signer = Callable[[str, str, bytes | None, Mapping[str, str] | None], dict[str, str]]
 
 
+def basic_authorization(username: str, password: str) -> str:
+    """The `Authorization` value of HTTP basic auth."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 @dataclass(frozen=True)
 class UpstreamIdentity:
     mode: IdentityMode
@@ -50,8 +55,7 @@ class UpstreamIdentity:
         name, or a signer outside `service` mode or beside basic credentials."""
         authorization = None
         if username is not None:
-            token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
-            authorization = f"Basic {token}"
+            authorization = basic_authorization(username, password or "")
         elif password is not None:
             raise ValueError("a service password needs a service user name")
         if signer is not None and (mode != "service" or authorization is not None):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ssl
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,15 @@ def running_sidecar(
         yield server
     finally:
         server.stop()
+
+
+def metric_total(server: RunningSidecar, series: str) -> float:
+    """The sum of a metric's samples on the server's /metrics: `series` is a name (every label
+    set summed) or a name with its labels, as exposed."""
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return sum(
+        float(line.split()[-1])
+        for line in lines
+        if line.split(" ")[0] == series or line.startswith(series + "{")
+    )

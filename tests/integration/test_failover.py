@@ -13,7 +13,7 @@ import pytest
 
 from sidecar.embedding import BiEncoder
 from tests.integration.conftest import Cluster
-from tests.integration.sidecar_server import running_sidecar
+from tests.integration.sidecar_server import metric_total, running_sidecar
 from tests.integration.test_identity import RecordingProxy
 from tests.integration.test_sidecar import QUERY, post
 
@@ -68,14 +68,7 @@ def test_every_path_fails_over_to_a_node_that_answers(
             assert answer.status == 200
         with urllib.request.urlopen(f"{server.url}/readyz", timeout=30) as ready:
             assert ready.status == 200
-        with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as metrics:
-            exposed = metrics.read().decode()
-    assert 'sidecar_upstream_failover_total{kind="proxy"}' in exposed
-    failovers = sum(
-        float(line.split()[-1])
-        for line in exposed.splitlines()
-        if line.startswith('sidecar_upstream_failover_total{kind="proxy"}')
-    )
+        failovers = metric_total(server, 'sidecar_upstream_failover_total{kind="proxy"}')
     assert failovers >= 1, "the pass-through met the dead node first at least once"
     paths = {path for _, path, _ in up.seen}
     assert {"/_msearch", f"/{pydoc_index}/_count", f"/{pydoc_index}/_doc/failover-probe"} <= paths

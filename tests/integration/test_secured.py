@@ -32,7 +32,7 @@ from sidecar.local_opensearch.security import generate_password
 from sidecar.logging import JsonFormatter
 from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
 from tests.integration.conftest import SecuredCluster
-from tests.integration.sidecar_server import RunningSidecar, running_sidecar
+from tests.integration.sidecar_server import RunningSidecar, metric_total, running_sidecar
 
 pytestmark = pytest.mark.integration
 
@@ -110,12 +110,6 @@ def intercepted(
     }
     status, text, _ = request(f"{sidecar.url}/{index}/_search", body, headers)
     return status, json.loads(text)
-
-
-def metric(sidecar: RunningSidecar, name: str) -> float:
-    with urllib.request.urlopen(f"{sidecar.url}/metrics", timeout=30) as response:
-        lines = response.read().decode().splitlines()
-    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
 
 
 def example_role(name: str, patterns: list[str], **index_rule: Any) -> dict[str, Any]:
@@ -384,11 +378,11 @@ def test_a_user_without_the_msearch_permission_can_still_search(
     direct = secured_opensearch.client("no_msearch_user", users.passwords["no_msearch_user"])
     with pytest.raises(Exception, match=r"403|security_exception"):
         direct.msearch(body=[{"index": INDEX_A}, {"query": {"match_all": {}}}])
-    before = metric(server, "sidecar_msearch_fallback_total")
+    before = metric_total(server, "sidecar_msearch_fallback_total")
     status, answer = native(server, users.auth("no_msearch_user"))
     assert status == 200, answer
     assert answer["hits"]
-    assert metric(server, "sidecar_msearch_fallback_total") == before + 1
+    assert metric_total(server, "sidecar_msearch_fallback_total") == before + 1
 
 
 def test_server_fusion_on_a_cluster_without_neural_search_is_a_clear_400(

@@ -22,7 +22,7 @@ from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
 from sidecar.retrieval.profiles import read_text
 from sidecar.retrieval.queries import build_lexical_search, build_vector_search
 from tests.integration.conftest import Cluster, profile_of
-from tests.integration.sidecar_server import RunningSidecar, running_sidecar
+from tests.integration.sidecar_server import RunningSidecar, metric_total, running_sidecar
 
 pytestmark = pytest.mark.integration
 
@@ -215,16 +215,6 @@ class ScoringStarted(StalledBackend):
         return super().score(pairs)
 
 
-def upstream_calls(server: RunningSidecar) -> float:
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
-        lines = response.read().decode().splitlines()
-    return sum(
-        float(line.split()[-1])
-        for line in lines
-        if line.startswith("sidecar_upstream_requests_total")
-    )
-
-
 def test_admission_is_decided_before_any_work_and_a_large_request_alone_is_admitted(
     opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path, pydoc_index: str
 ) -> None:
@@ -247,11 +237,13 @@ def test_admission_is_decided_before_any_work_and_a_large_request_alone_is_admit
     ):
         first = pool.submit(post, f"{server.url}/v1/search", body)
         assert backend.entered.wait(60)
-        before = upstream_calls(server)
+        before = metric_total(server, "sidecar_upstream_requests_total")
         status, answer, headers = post(
             f"{server.url}/v1/search", body | {"query": "another question entirely"}
         )
-        assert upstream_calls(server) == before, "a refused request costs the cluster nothing"
+        assert metric_total(server, "sidecar_upstream_requests_total") == before, (
+            "a refused request costs the cluster nothing"
+        )
         backend.gate.set()
         first_status, first_answer, _ = first.result(timeout=120)
     assert status == 429

@@ -51,6 +51,9 @@ _HOP_BY_HOP = frozenset(
 # Accept-Encoding would get the client a gzip body it never asked for).
 _NEVER_ADDED = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
+# Nothing reached the node: the request may go to the next one, writes too.
+_NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
 
 def create_session(
     timeout_s: float, ssl_context: ssl.SSLContext | None = None
@@ -176,7 +179,7 @@ async def forward(
         except aiohttp.ClientConnectorCertificateError as error:
             log.warning("upstream TLS handshake failed: %s", error)
             raise tls_refused() from error
-        except aiohttp.ClientConnectorError as error:
+        except _NOT_CONNECTED as error:
             log.warning("cannot connect to OpenSearch node %s: %s", upstream, error)
             if attempt < len(nodes):
                 metrics.upstream_failover.labels("proxy").inc()
@@ -190,7 +193,7 @@ async def forward(
                 if request.transport is not None:
                     request.transport.close()
                 return response
-            raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+            raise _upstream_failed(error) from error
         finally:
             metrics.upstream_requests.labels(status).inc()
             metrics.upstream_duration.labels("proxy").observe(time.perf_counter() - started)
@@ -238,13 +241,13 @@ async def fetch_json(
                 status = str(answer.status)
                 payload = await answer.read()
                 return _json_answer(answer, payload)
-        except aiohttp.ClientConnectorError as error:
+        except _NOT_CONNECTED as error:
             if attempt < len(nodes):
                 metrics.upstream_failover.labels("fetch").inc()
                 continue
             raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
         except (aiohttp.ClientConnectionError, TimeoutError) as error:
-            raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+            raise _upstream_failed(error) from error
         finally:
             metrics.upstream_requests.labels(status).inc()
             metrics.upstream_duration.labels("fetch").observe(time.perf_counter() - started)
@@ -270,6 +273,14 @@ def _json_answer(answer: aiohttp.ClientResponse, payload: bytes) -> dict[str, An
     if answer.status >= 400:
         raise UpstreamError(answer.status, decoded, headers=relayed)
     return decoded
+
+
+def _upstream_failed(error: Exception) -> ApiError:
+    """A request sent that got no (whole) answer: 504 when the node went quiet for longer than
+    SIDECAR_UPSTREAM_TIMEOUT_S, 502 when the connection broke."""
+    if isinstance(error, TimeoutError):
+        return ApiError(504, "timeout_exception", "OpenSearch did not answer in time")
+    return ApiError(502, "upstream_unreachable", "OpenSearch is unreachable")
 
 
 def tls_refused() -> ApiError:

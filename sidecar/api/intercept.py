@@ -14,6 +14,7 @@ from aiohttp import web
 
 from sidecar.api import proxy
 from sidecar.api.errors import bad_request
+from sidecar.api.filter_path import apply_filter_path, parse_filter_path
 from sidecar.api.responses import (
     ROUTE_LABEL,
     finite,
@@ -68,6 +69,11 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     rerank_ext = parse_rerank_ext(ext["rerank"], settings)
     params = dict(request.query)
+    try:
+        # Applied here to the reranked answer: upstream must return every hit whole.
+        filter_path = parse_filter_path(params.pop("filter_path", ""))
+    except ValueError as error:
+        raise bad_request(str(error)) from None
     offset = _non_negative(body, params, "from", 0)
     size = _non_negative(body, params, "size", 10)
     if offset + size > rerank_ext.window:
@@ -156,7 +162,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     log_stage("total", total_s, hits=len(hits))
     response["took"] = round(total_s * 1000)
     response.setdefault("ext", {})["rerank"] = rerank_report(report)
-    return json_response(response)
+    return json_response(apply_filter_path(response, filter_path))
 
 
 def _without_rerank_ext(body: dict[str, Any], ext: dict[str, Any]) -> dict[str, Any]:
@@ -169,11 +175,9 @@ def _without_rerank_ext(body: dict[str, Any], ext: dict[str, Any]) -> dict[str, 
 
 def _not_rerankable(body: dict[str, Any], params: Mapping[str, str]) -> str | None:
     """Why a `_search` with `ext.rerank` cannot be reranked, if it cannot: the parameter that
-    asks for an answer in another shape (not JSON, filtered, scrolled, or hits without ids)."""
+    asks for an answer in another shape (not JSON, scrolled, or hits without ids)."""
     if params.get("format", "json") != "json":
         return "format"
-    if "filter_path" in params:
-        return "filter_path"
     if "scroll" in params:
         return "scroll"
     if "_none_" in (params.get("stored_fields"), body.get("stored_fields")):

@@ -553,7 +553,6 @@ def raw_post(url: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
 @pytest.mark.parametrize(
     ("query", "skipped"),
     [
-        ("filter_path=hits.hits._id", "filter_path"),
         ("format=yaml", "format"),
         ("format=cbor", "format"),
         ("stored_fields=_none_", "stored_fields"),
@@ -577,8 +576,6 @@ def test_every_search_parameter_gets_the_clusters_answer_reranked_or_said_why(
     assert status < 500
     if skipped is not None:
         assert headers["X-Sidecar-Rerank-Skipped"].startswith(skipped)
-        if query.startswith("filter_path"):
-            assert json.loads(answer) == json.loads(direct), "the cluster's own answer"
     elif status == 200:
         assert json.loads(answer)["ext"]["rerank"]["applied"] is True
     else:

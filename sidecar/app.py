@@ -8,7 +8,6 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypedDict
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -30,7 +29,7 @@ from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import ProfileError
 from sidecar.retrieval.sigv4 import SigV4Signer
-from sidecar.retrieval.tls import TlsError, client_context, server_context
+from sidecar.retrieval.tls import TlsError, client_context
 from sidecar.services import SERVICES, Services
 from sidecar.write_path import WritePath
 
@@ -203,30 +202,6 @@ def upstream_tls(settings: Settings) -> ssl.SSLContext | None:
             client_key=settings.upstream_client_key,
             verify=settings.upstream_verify_certs,
         )
-    except TlsError as error:
-        raise SettingsError(str(error)) from None
-
-
-class ListenerOptions(TypedDict):
-    keepalive_timeout: float
-    lingering_time: float
-
-
-def listener_options(settings: Settings) -> ListenerOptions:
-    """aiohttp's connection handling for the listener: idle keep-alive bounded, and after an
-    answer sent before the request body was read (413, 408), the rest is drained for at most
-    a second before the connection is closed (aiohttp's default is 10 s)."""
-    return ListenerOptions(
-        keepalive_timeout=settings.listen_keepalive_timeout_s, lingering_time=1.0
-    )
-
-
-def listener_tls(settings: Settings) -> ssl.SSLContext | None:
-    """The listener's HTTPS context, or None for plain HTTP. Raises SettingsError for bad files."""
-    if settings.listen_tls_cert is None or settings.listen_tls_key is None:
-        return None
-    try:
-        return server_context(settings.listen_tls_cert, settings.listen_tls_key)
     except TlsError as error:
         raise SettingsError(str(error)) from None
 

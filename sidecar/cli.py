@@ -296,24 +296,15 @@ def _add_sidecar_and_loading_urls(command: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from aiohttp import web
-
-    from sidecar.app import create_app, listener_options, listener_tls
+    from sidecar.api.listener import serve
+    from sidecar.app import create_app
     from sidecar.logging import configure_json_logging
 
     if args.listen_port:
         settings = dataclasses.replace(settings, listen_port=args.listen_port)
     configure_json_logging()
     log.info("effective configuration", extra={"settings": settings.redacted()})
-    web.run_app(
-        create_app(settings),
-        host=settings.listen_host,
-        port=settings.listen_port,
-        ssl_context=listener_tls(settings),
-        **listener_options(settings),
-        access_log=None,
-        print=lambda message: log.info(message.strip()),
-    )
+    serve(create_app(settings), settings)
     return 0
 
 

@@ -13,14 +13,16 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.app import ListenerOptions, create_app, listener_options, listener_tls
+from sidecar.api.listener import ListenerOptions, ListenerRunner, listener_options, listener_tls
+from sidecar.app import create_app
 from sidecar.config import Settings
 from sidecar.embedding import BiEncoder
 from sidecar.rerank.backend import RerankBackend
 
 
 class RunningSidecar:
-    """The app served by aiohttp on 127.0.0.1:<free port> from its own event loop thread."""
+    """The app served on 127.0.0.1:<free port> from its own event loop thread, by the runner that
+    `sidecar serve` uses."""
 
     def __init__(
         self,
@@ -30,9 +32,9 @@ class RunningSidecar:
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._runner = (
-            web.AppRunner(app, access_log=None)
+            ListenerRunner(app, access_log=None)
             if options is None
-            else web.AppRunner(app, access_log=None, **options)
+            else ListenerRunner(app, access_log=None, **options)
         )
         try:
             self._loop.run_until_complete(self._runner.setup())

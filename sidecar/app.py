@@ -141,8 +141,15 @@ def create_app(
                 dtype=reranker_backend.dtype,
                 embedding_model=query_encoder.model_name,
             ).set(1)
+            pipeline = app[SERVICES].pipeline
             metrics.track_gauges(
-                lambda: batcher.pending_pairs, gpu_memory_reader(reranker_backend.device)
+                lambda: batcher.pending_pairs,
+                gpu_memory_reader(reranker_backend.device),
+                {
+                    "scores": lambda: len(cache),
+                    "query_vectors": lambda: pipeline.cached_query_vectors,
+                    "mappings": lambda: profiles.cached_mappings,
+                },
             )
             log.info(
                 "models ready",

@@ -1,6 +1,6 @@
 """Command line: `serve`, the local dev cluster (`opensearch up|down|status`), `index create|load`,
-and the offline tools around the serving path: `bench`, `provenance`, `eval`, `train-reranker`,
-`demo`. Each handler parses, delegates to its module, and prints."""
+and the offline tools around the serving path: `bench`, `soak`, `provenance`, `eval`,
+`train-reranker`, `demo`. Each handler parses, delegates to its module, and prints."""
 
 from __future__ import annotations
 
@@ -186,6 +186,28 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", type=Path, help="write the figures as JSON here")
     bench.set_defaults(handler=_bench)
+
+    soak = commands.add_parser(
+        "soak", help="reranked searches at a fixed rate for a while, watching memory and caches"
+    )
+    soak.add_argument(
+        "--url", dest="sidecar_url", help="sidecar URL (default: http://LISTEN_HOST:LISTEN_PORT)"
+    )
+    soak.add_argument("--index", required=True)
+    soak.add_argument(
+        "--queries", type=Path, required=True, help="BEIR queries.jsonl or one query per line"
+    )
+    soak.add_argument("--rate", type=float, default=10.0, help="searches per second")
+    soak.add_argument("--duration-s", type=float, default=300.0)
+    soak.add_argument("--report-every-s", type=float, default=30.0, help="progress interval")
+    soak.add_argument("--candidates", type=int, default=50)
+    soak.add_argument("--k", type=int, default=10)
+    soak.add_argument(
+        "--user", help="send basic-auth credentials as this user (with --password-file)"
+    )
+    soak.add_argument("--password-file", type=Path, help="the --user's password, in a file")
+    soak.add_argument("--out", type=Path, help="write the summary as JSON here")
+    soak.set_defaults(handler=_soak)
 
     provenance = commands.add_parser(
         "provenance", help="share of the final top-k by retriever, rank and score range"
@@ -451,6 +473,30 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.out:
         dump(results, args.out)
     return 0
+
+
+def _soak(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from sidecar.bench import dump, read_queries
+    from sidecar.soak import soak
+
+    summary = asyncio.run(
+        soak(
+            url=args.sidecar_url or _local_sidecar(settings),
+            index=args.index,
+            queries=read_queries(args.queries),
+            rate=args.rate,
+            duration_s=args.duration_s,
+            candidates=args.candidates,
+            k=args.k,
+            headers=_basic_auth(args.user, args.password_file),
+            report_every_s=args.report_every_s,
+        )
+    )
+    if args.out:
+        dump(summary, args.out)
+    return 0 if summary["errors"] == 0 else 1
 
 
 def _local_sidecar(settings: Settings) -> str:

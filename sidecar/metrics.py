@@ -8,9 +8,9 @@ otherwise) are chosen for this workload and documented beside each histogram.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from sidecar.rerank.batcher import BatchStats
 
@@ -139,6 +139,14 @@ class Metrics:
         self.queue_depth = Gauge(
             "sidecar_rerank_queue_depth", "Pairs admitted and not yet scored.", registry=registry
         )
+        self.cache_entries = Gauge(
+            "sidecar_cache_entries",
+            "Entries held by each bounded cache (scores, query vectors, index mappings).",
+            ["cache"],
+            registry=registry,
+        )
+        # process_resident_memory_bytes & co.: what a soak watches for growth.
+        ProcessCollector(registry=registry)
         self.queue_wait = Histogram(
             "sidecar_rerank_queue_wait_seconds",
             "Longest wait of a pair in a batch before its model call.",
@@ -253,9 +261,14 @@ class Metrics:
             self.rank_shift.observe(first_rank - final_rank)
 
     def track_gauges(
-        self, queue_depth: Callable[[], float], gpu_memory: Callable[[], float] | None
+        self,
+        queue_depth: Callable[[], float],
+        gpu_memory: Callable[[], float] | None,
+        cache_sizes: Mapping[str, Callable[[], int]],
     ) -> None:
         """Gauges read at scrape time from their owners."""
         self.queue_depth.set_function(queue_depth)
+        for cache, size in cache_sizes.items():
+            self.cache_entries.labels(cache).set_function(size)
         if gpu_memory is not None:
             self.gpu_memory.set_function(gpu_memory)

@@ -165,6 +165,10 @@ class SearchPipeline:
             maxsize=settings.query_cache_entries
         )
 
+    @property
+    def cached_query_vectors(self) -> int:
+        return len(self._query_vectors)
+
     async def search(self, request: SearchRequest, deadline: float) -> SearchResult:
         """Both stages for the native API. `deadline` is on the event loop's clock.
 

@@ -53,6 +53,10 @@ class ProfileResolver:
         )
         self._fingerprint_key = secrets.token_bytes(32)
 
+    @property
+    def cached_mappings(self) -> int:
+        return len(self._mappings)
+
     async def resolve(
         self,
         index: str,

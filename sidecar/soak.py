@@ -50,8 +50,10 @@ async def soak(
 ) -> dict[str, Any]:
     """`rate` searches per second for `duration_s`, queries taken in turn (repeating once used
     up, so the score cache sees hits and fills to its bound). An answer other than 200, or none
-    within `request_timeout_s`, is an error."""
+    within `request_timeout_s`, is an error; a 200 in first-stage order is counted as fail-open
+    (the rate is more than the reranker keeps up with)."""
     statuses: Counter[str] = Counter()
+    fail_open: Counter[str] = Counter()  # answered in first-stage order, by reason
     latencies_ms: list[float] = []
     cursor = itertools.cycle(queries)
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
@@ -64,9 +66,11 @@ async def soak(
             started = time.perf_counter()
             try:
                 async with session.post(f"{url}/v1/search", json=body, headers=headers) as answer:
-                    await answer.read()
+                    payload = await answer.json()
                     statuses[str(answer.status)] += 1
-            except (aiohttp.ClientError, TimeoutError) as error:
+                    if answer.status == 200 and payload["rerank"]["fail_open"]:
+                        fail_open[str(payload["rerank"]["reason"])] += 1
+            except (aiohttp.ClientError, TimeoutError, ValueError) as error:
                 statuses[type(error).__name__] += 1
                 return
             latencies_ms.append((time.perf_counter() - started) * 1000)
@@ -83,7 +87,8 @@ async def soak(
             if arrival >= next_report:
                 figures = await read_process_figures(session, url, headers)
                 progress = {"at_s": round(arrival), "requests": n, **figures}
-                print(json.dumps(progress | {"errors": _errors(statuses)}), flush=True)
+                errors = {"errors": _errors(statuses), "fail_open": sum(fail_open.values())}
+                print(json.dumps(progress | errors), flush=True)
                 next_report += report_every_s
             await asyncio.sleep(max(0.0, began + arrival - time.perf_counter()))
             task = asyncio.create_task(search(next(cursor)))
@@ -98,6 +103,7 @@ async def soak(
         "duration_s": round(elapsed_s, 1),
         "errors": _errors(statuses),
         "statuses": dict(statuses),
+        "fail_open": dict(fail_open),
         "p50_ms": round(float(np.percentile(latencies_ms, 50)), 1) if latencies_ms else None,
         "p99_ms": round(float(np.percentile(latencies_ms, 99)), 1) if latencies_ms else None,
         "start": start,

@@ -225,6 +225,9 @@ class Settings:
     client_body_timeout_s: float = 10.0
     # How long an idle keep-alive connection to the sidecar is kept open.
     listen_keepalive_timeout_s: float = 30.0
+    # After SIGTERM: how long requests in flight get to finish once the listener has closed
+    # (Kubernetes' terminationGracePeriodSeconds must cover it, plus any preStop wait).
+    shutdown_grace_s: float = 30.0
     # Per-request timeout towards OpenSearch (pass-through and first stage).
     upstream_timeout_s: float = 30.0
     # TLS towards an https cluster: a CA bundle (else the system trust store), a client
@@ -300,6 +303,7 @@ class Settings:
             "request_timeout_s",
             "upstream_timeout_s",
             "mapping_cache_ttl_s",
+            "shutdown_grace_s",
         ):
             _require(getattr(self, name) > 0, f"SIDECAR_{name.upper()} must be positive")
         _require(self.rerank_max_wait_s >= 0, "SIDECAR_RERANK_MAX_WAIT_S must be >= 0")

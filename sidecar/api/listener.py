@@ -136,8 +136,8 @@ class ListenerRunner(web.AppRunner):
 def serve(app: web.Application, settings: Settings) -> None:
     """Serve `app` on SIDECAR_LISTEN_HOST:PORT (HTTPS when the listener has a certificate) until
     SIGTERM or SIGINT, then shut down as aiohttp's run_app does: the listener closes, idle
-    connections are closed, requests in flight get aiohttp's shutdown timeout (60 s) to finish,
-    and the app's cleanup runs. A second signal, and one before the listener is up (nothing to
+    connections are closed, requests in flight get SIDECAR_SHUTDOWN_GRACE_S to finish, and the
+    app's cleanup runs. A second signal, and one before the listener is up (nothing to
     drain yet), has its default effect: SIGTERM ends the process, SIGINT raises KeyboardInterrupt.
 
     Raises SettingsError for unusable listener TLS files, before any model is loaded."""
@@ -150,7 +150,12 @@ async def _serve_until_signal(
 ) -> None:
     loop = asyncio.get_running_loop()
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-    runner = ListenerRunner(app, access_log=None, **listener_options(settings))
+    runner = ListenerRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace_s,
+        **listener_options(settings),
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.listen_host, settings.listen_port, ssl_context=tls)

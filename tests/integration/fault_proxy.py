@@ -1,56 +1,29 @@
 """Toxiproxy, a real TCP fault proxy, between the sidecar and the node: built once from its Go module
-(pinned, checksums verified by the Go toolchain against sum.golang.org), started per test module on
+(pinned, checksums verified by the Go toolchain against sum.golang.org; go_tools.py), started on
 a free port, driven over its HTTP API. Faults are Toxiproxy's own: a disabled proxy refuses
 connections; toxics add latency, cut a response after some bytes, reset connections, limit bandwidth."""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
 import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from sidecar.config import Settings
+from tests.integration.go_tools import GoTool, go_tool_binary
 
-log = logging.getLogger(__name__)
-
-TOXIPROXY_MODULE = "github.com/Shopify/toxiproxy/v2"
-TOXIPROXY_VERSION = "v2.12.0"
-
-
-def toxiproxy_binary(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
-    """TOXIPROXY_BIN when set; else the server built by `go install` into the download cache."""
-    if given := environ.get("TOXIPROXY_BIN"):
-        return Path(given)
-    target = Settings.from_env(environ).cache_dir / "tools" / f"toxiproxy-{TOXIPROXY_VERSION}"
-    binary = target / "server"
-    if binary.is_file():
-        return binary
-    go = shutil.which("go")
-    if go is None:
-        raise RuntimeError(
-            "the fault-injection tests need Toxiproxy: install Go (it builds "
-            f"{TOXIPROXY_MODULE}/cmd/server@{TOXIPROXY_VERSION}) or set TOXIPROXY_BIN"
-        )
-    log.warning(
-        "building Toxiproxy %s from its Go module (once, into %s)", TOXIPROXY_VERSION, target
-    )
-    target.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [go, "install", f"{TOXIPROXY_MODULE}/cmd/server@{TOXIPROXY_VERSION}"],
-        env={**environ, "GOBIN": str(target)},
-        check=True,
-        timeout=900,
-    )
-    return binary
+TOXIPROXY = GoTool(
+    "toxiproxy",
+    "github.com/Shopify/toxiproxy/v2",
+    "v2.12.0",
+    binary="server",
+    package="cmd/server",
+    override="TOXIPROXY_BIN",
+)
 
 
 def _free_port() -> int:
@@ -122,7 +95,7 @@ def running_toxiproxy(upstream_url: str) -> Iterator[Toxiproxy]:
     """A Toxiproxy server on a free port with a proxy to the node at `upstream_url`."""
     port = _free_port()
     server = subprocess.Popen(
-        [str(toxiproxy_binary()), "-host", "127.0.0.1", "-port", str(port)],
+        [str(go_tool_binary(TOXIPROXY)), "-host", "127.0.0.1", "-port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

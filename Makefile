@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_PORT ?= 9200
 DEMO_INDEX ?= demo-pydoc
 
-.PHONY: install prometheus-bin test lint format demo demo-down clean
+.PHONY: install prometheus-bin redis-bin test lint format demo demo-down clean
 
 install: $(STAMP)
 
@@ -19,14 +19,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/uv pip install --python $(BIN)/python -e '.[test]'
 	touch $@
 
-test: $(STAMP) prometheus-bin
+test: $(STAMP) prometheus-bin redis-bin
 	$(BIN)/pytest
 
-# The integration tests scrape the sidecar with a real Prometheus (Debian's `prometheus`).
-# Only the binary is wanted: a policy-rc.d that denies service starts is put in place for the
-# install (when none exists), so no daemon is started on port 9090 and none can fail the install.
-prometheus-bin:
-	@if [ -n "$$PROMETHEUS_BIN" ] || command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ]; then \
+# `$(call debian-binary,VARIABLE,binary,package,what)`: nothing when $VARIABLE names the binary or
+# it is installed; else, as root with apt, the Debian package. Only the binary is wanted: a
+# policy-rc.d that denies service starts is put in place for the install (when none exists), so no
+# daemon is started on its port and none can fail the install.
+define debian-binary
+	@if [ -n "$${$(1):-}" ] || command -v $(2) >/dev/null 2>&1 || [ -x /usr/bin/$(2) ]; then \
 		exit 0; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		policy=/usr/sbin/policy-rc.d; \
@@ -34,14 +35,23 @@ prometheus-bin:
 			trap "rm -f $$policy" EXIT; \
 			printf '#!/bin/sh\nexit 101\n' >$$policy && chmod +x $$policy; \
 		fi; \
-		echo "Installing Prometheus (Debian package prometheus) for the integration tests"; \
+		echo "Installing $(4) (Debian package $(3)) for the integration tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+			apt-get install -y -qq --no-install-recommends $(3) >/dev/null; \
 	else \
-		echo "The integration tests need Prometheus: install the Debian/Ubuntu package 'prometheus'" \
-			"(apt-get install prometheus) or set PROMETHEUS_BIN to a prometheus binary." >&2; \
+		echo "The integration tests need $(4): install the Debian/Ubuntu package '$(3)'" \
+			"(apt-get install $(3)) or set $(1) to a $(2) binary." >&2; \
 		exit 1; \
 	fi
+endef
+
+# The integration tests scrape the sidecar with a real Prometheus (Debian's `prometheus`).
+prometheus-bin:
+	$(call debian-binary,PROMETHEUS_BIN,prometheus,prometheus,Prometheus)
+
+# The shared score cache's tests run a real Redis (Debian's `redis-server`), one per test.
+redis-bin:
+	$(call debian-binary,REDIS_SERVER_BIN,redis-server,redis-server,a Redis server)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

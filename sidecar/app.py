@@ -8,6 +8,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -16,7 +17,7 @@ from yarl import URL
 from sidecar import __version__
 from sidecar.api import proxy
 from sidecar.api.routes import add_routes, edge
-from sidecar.config import Settings, SettingsError
+from sidecar.config import Settings, SettingsError, mask_credentials
 from sidecar.embedding import BiEncoder, EncoderPool
 from sidecar.metrics import Metrics
 from sidecar.pipeline import SearchPipeline
@@ -32,6 +33,9 @@ from sidecar.retrieval.sigv4 import SigV4Signer
 from sidecar.retrieval.tls import TlsError, client_context
 from sidecar.services import SERVICES, Services
 from sidecar.write_path import WritePath
+
+if TYPE_CHECKING:  # the shared score cache needs the optional `redis` package
+    from sidecar.rerank.shared_cache import SharedScoreCache
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ def create_app(
         # Before anything is started: either may refuse the settings.
         identity = upstream_identity(settings)
         tls = upstream_tls(settings)
+        shared_cache = shared_score_cache(settings, metrics)
         # One thread each: the model thread runs batches back to back; tokenizing and query
         # embedding never queue behind a model call.
         model_executor = ThreadPoolExecutor(1, thread_name_prefix="rerank-model")
@@ -121,6 +126,7 @@ def create_app(
                 prepare_executor,
                 metrics,
                 overlap_tokens=settings.chunk_overlap_tokens,
+                shared_cache=shared_cache,
             )
             app[SERVICES] = Services(
                 settings=settings,
@@ -163,6 +169,8 @@ def create_app(
             yield
         finally:
             await batcher.stop()
+            if shared_cache is not None:
+                await shared_cache.close()
             await session.close()
             await upstream.close()
             for executor in (model_executor, prepare_executor, embed_executor):
@@ -197,6 +205,35 @@ def upstream_identity(settings: Settings) -> UpstreamIdentity:
         )
     except ValueError as error:
         raise SettingsError(f"upstream identity: {error}") from None
+
+
+def shared_score_cache(settings: Settings, metrics: Metrics) -> SharedScoreCache | None:
+    """The Redis score cache replicas share, when SIDECAR_SCORE_CACHE_URL names one (it connects on
+    first use). Raises SettingsError when the `redis` package is missing or the URL is unusable."""
+    if settings.score_cache_url is None:
+        return None
+    try:
+        from sidecar.rerank.shared_cache import SharedScoreCache
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.partition(".")[0] != "redis":
+            raise
+        raise SettingsError(
+            "SIDECAR_SCORE_CACHE_URL needs the redis package: "
+            "pip install 'opensearch-rerank-sidecar[redis]'"
+        ) from None
+    url = settings.score_cache_url.get_secret_value()
+    try:
+        return SharedScoreCache(
+            url,
+            ttl_s=settings.rerank_cache_ttl_s,
+            timeout_s=settings.score_cache_timeout_s,
+            metrics=metrics,
+        )
+    except ValueError:
+        # Not the parser's message: it may quote the part of the URL that holds the password.
+        raise SettingsError(
+            f"SIDECAR_SCORE_CACHE_URL={mask_credentials(url)!r} is not a valid Redis URL"
+        ) from None
 
 
 def upstream_tls(settings: Settings) -> ssl.SSLContext | None:

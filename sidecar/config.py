@@ -200,6 +200,13 @@ class Settings:
     # Score cache: entries (LRU) and how long a score stays valid.
     rerank_cache_entries: int = 200_000
     rerank_cache_ttl_s: float = 3600.0
+    # A Redis (redis:// or rediss://, optionally with a password) that replicas share as a second
+    # score cache behind their own: asked for what the local cache misses, given every fresh
+    # score for rerank_cache_ttl_s. None: each replica caches alone. Needs the `redis` extra.
+    score_cache_url: SecretStr | None = None
+    # Longest wait for one call to that Redis. Past it, or on any error, the search goes on with
+    # the local cache alone and Redis is left alone for a moment (see README "Several replicas").
+    score_cache_timeout_s: float = 0.05
     # Long documents: `first` cuts to the model's max length; `max_chunk` scores overlapping
     # chunks and keeps the best; overlap between consecutive chunks, in tokens.
     truncation: Truncation = "first"
@@ -304,8 +311,14 @@ class Settings:
             "upstream_timeout_s",
             "mapping_cache_ttl_s",
             "shutdown_grace_s",
+            "score_cache_timeout_s",
         ):
             _require(getattr(self, name) > 0, f"SIDECAR_{name.upper()} must be positive")
+        _require(
+            self.score_cache_url is None
+            or re.match(r"rediss?://", self.score_cache_url.get_secret_value()) is not None,
+            "SIDECAR_SCORE_CACHE_URL must start with redis:// or rediss://",
+        )
         _require(self.rerank_max_wait_s >= 0, "SIDECAR_RERANK_MAX_WAIT_S must be >= 0")
         _require(self.chunk_overlap_tokens >= 0, "SIDECAR_CHUNK_OVERLAP_TOKENS must be >= 0")
         _require(
@@ -409,8 +422,13 @@ class Settings:
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain values, with credentials in URLs masked, for logging."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["opensearch_url"] = re.sub(r"//[^/@]+@", "//***@", self.opensearch_url)
+        values["opensearch_url"] = mask_credentials(self.opensearch_url)
         values["service_password"] = None if self.service_password is None else "***"
+        values["score_cache_url"] = (
+            None
+            if self.score_cache_url is None
+            else mask_credentials(self.score_cache_url.get_secret_value())
+        )
         values["local_node"] = {
             f.name: _plain(getattr(self.local_node, f.name)) for f in fields(self.local_node)
         }
@@ -418,6 +436,12 @@ class Settings:
             name: profile.model_dump(exclude_none=True) for name, profile in self.profiles.items()
         }
         return {k: _plain(v) for k, v in values.items()}
+
+
+def mask_credentials(url: str) -> str:
+    """`url` fit for logs: user and password (`//user:pass@`) and a `password=` parameter masked."""
+    masked = re.sub(r"//[^/]*@", "//***@", url)  # to the last @: a password may hold one
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
 
 
 def _require(condition: bool, message: str) -> None:

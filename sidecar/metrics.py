@@ -36,6 +36,9 @@ LATENCY_BUCKETS_S = (
 INFERENCE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Batch sizes in pairs, up to the largest sensible max_batch_pairs.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# One call to the shared score cache (Redis): well under a millisecond in the same zone, a few ms
+# across zones; SIDECAR_SCORE_CACHE_TIMEOUT_S (0.05 by default) ends the slow ones.
+SHARED_CACHE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # Padded tokens per batch: 1 short pair (~32) up to 256 pairs x 512 tokens.
 BATCH_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 # First-stage rank minus final rank: negative = demoted by the reranker, positive = promoted.
@@ -161,8 +164,30 @@ class Metrics:
         )
         self.cache_requests = Counter(
             "sidecar_rerank_cache_requests",
-            "Score cache lookups, by result.",
+            "Score cache lookups per pair, by result: hit (in-process or shared cache), miss (scored).",
             ["result"],
+            registry=registry,
+        )
+        self.shared_cache_requests = Counter(
+            "sidecar_score_cache_shared_requests",
+            "Shared (Redis) score cache lookups of what the local cache missed, per pair, by "
+            "result: hit, miss, error (Redis failed or was too slow), skipped (backing off after "
+            "an error).",
+            ["result"],
+            registry=registry,
+        )
+        self.shared_cache_writes = Counter(
+            "sidecar_score_cache_shared_writes",
+            "Fresh scores written to the shared (Redis) score cache, per pair, by result: stored, "
+            "error, skipped (backing off after an error).",
+            ["result"],
+            registry=registry,
+        )
+        self.shared_cache_duration = Histogram(
+            "sidecar_score_cache_shared_duration_seconds",
+            "Round trips to the shared (Redis) score cache, failed ones included.",
+            ["operation"],
+            buckets=SHARED_CACHE_BUCKETS_S,
             registry=registry,
         )
         self.fail_open = Counter(

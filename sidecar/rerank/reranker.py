@@ -1,6 +1,7 @@
-"""Stage 2: score (query, document) pairs with the cross-encoder — cache first, then the batcher.
+"""Stage 2: score (query, document) pairs with the cross-encoder — caches first (in-process, then
+the shared one when configured), then the batcher.
 
-Owns the score cache and the micro-batcher (both touched only from the event loop). Tokenizing
+Owns the score caches and the micro-batcher (all touched only from the event loop). Tokenizing
 runs on its own executor thread so it never waits behind a model call.
 """
 
@@ -11,12 +12,16 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sidecar.config import Truncation
 from sidecar.metrics import Metrics
 from sidecar.rerank.backend import RerankBackend, ScoringPair
 from sidecar.rerank.batcher import MicroBatcher
-from sidecar.rerank.cache import ScoreCache
+from sidecar.rerank.cache import CacheKey, ScoreCache
+
+if TYPE_CHECKING:  # the shared cache needs the optional `redis` package
+    from sidecar.rerank.shared_cache import SharedScoreCache
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +51,13 @@ class Reranker:
         metrics: Metrics,
         *,
         overlap_tokens: int,
+        shared_cache: SharedScoreCache | None = None,
     ) -> None:
         self.backend = backend
         self._metrics = metrics
         self._batcher = batcher
         self._cache = cache
+        self._shared_cache = shared_cache
         self._prepare_executor = prepare_executor
         self._overlap_tokens = overlap_tokens
 
@@ -75,34 +82,62 @@ class Reranker:
         namespace = f"{self.backend.identity}|{truncation}"
         keys = [ScoreCache.key(namespace, query, doc.id, doc.text) for doc in documents]
         logits: list[float | None] = (
-            self._cache.get_many(keys) if read_cache else [None] * len(keys)
+            await self._cached_logits(keys) if read_cache else [None] * len(keys)
         )
         missing = [i for i, logit in enumerate(logits) if logit is None]
         self._metrics.cache_requests.labels("hit").inc(len(documents) - len(missing))
         self._metrics.cache_requests.labels("miss").inc(len(missing))
         pairs_scored = 0
         if missing:
-            prepared = await asyncio.get_running_loop().run_in_executor(
-                self._prepare_executor,
-                self.backend.prepare,
-                query,
-                [documents[i].text for i in missing],
-                truncation,
-                self._overlap_tokens,
+            fresh, pairs_scored = await self._model_logits(
+                query, [documents[i].text for i in missing], truncation
             )
-            flat = [(pair, pair.token_length) for pairs in prepared for pair in pairs]
-            pair_scores = await self._batcher.submit(flat)
-            pairs_scored = len(flat)
-            offset = 0
-            fresh: list[float] = []
-            for pairs in prepared:
-                fresh.append(max(pair_scores[offset : offset + len(pairs)]))
-                offset += len(pairs)
             for index, logit in zip(missing, fresh, strict=True):
                 logits[index] = logit
-            self._cache.put_many([keys[i] for i in missing], fresh)
+            self._store([keys[i] for i in missing], fresh)
         return RerankScores(
             logits=[float(logit) for logit in logits if logit is not None],
             cache_hits=len(documents) - len(missing),
             pairs_scored=pairs_scored,
         )
+
+    async def _cached_logits(self, keys: Sequence[CacheKey]) -> list[float | None]:
+        """From the local cache; what it lacks from the shared one, copied into the local one."""
+        logits = self._cache.get_many(keys)
+        local_misses = [i for i, logit in enumerate(logits) if logit is None]
+        if self._shared_cache is None or not local_misses:
+            return logits
+        shared = await self._shared_cache.get_many([keys[i] for i in local_misses])
+        found = [
+            (i, logit) for i, logit in zip(local_misses, shared, strict=True) if logit is not None
+        ]
+        for index, logit in found:
+            logits[index] = logit
+        self._cache.put_many([keys[i] for i, _ in found], [logit for _, logit in found])
+        return logits
+
+    async def _model_logits(
+        self, query: str, texts: Sequence[str], truncation: Truncation
+    ) -> tuple[list[float], int]:
+        """Each text's logit (the best of its chunks) and the number of pairs the model scored."""
+        prepared = await asyncio.get_running_loop().run_in_executor(
+            self._prepare_executor,
+            self.backend.prepare,
+            query,
+            texts,
+            truncation,
+            self._overlap_tokens,
+        )
+        flat = [(pair, pair.token_length) for pairs in prepared for pair in pairs]
+        pair_scores = await self._batcher.submit(flat)
+        logits: list[float] = []
+        offset = 0
+        for pairs in prepared:
+            logits.append(max(pair_scores[offset : offset + len(pairs)]))
+            offset += len(pairs)
+        return logits, len(flat)
+
+    def _store(self, keys: Sequence[CacheKey], logits: Sequence[float]) -> None:
+        self._cache.put_many(keys, logits)
+        if self._shared_cache is not None:
+            self._shared_cache.put_many_behind(keys, logits)

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_PORT ?= 9200
 DEMO_INDEX ?= demo-pydoc
 
-.PHONY: install prometheus-bin redis-bin test lint format demo demo-down clean
+.PHONY: install prometheus-bin redis-bin docker-bin test lint format demo demo-down clean
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/uv pip install --python $(BIN)/python -e '.[test]'
 	touch $@
 
-test: $(STAMP) prometheus-bin redis-bin
+test: $(STAMP) prometheus-bin redis-bin docker-bin
 	$(BIN)/pytest
 
 # `$(call debian-binary,VARIABLE,binary,package,what)`: nothing when $VARIABLE names the binary or
@@ -52,6 +52,14 @@ prometheus-bin:
 # The shared score cache's tests run a real Redis (Debian's `redis-server`), one per test.
 redis-bin:
 	$(call debian-binary,REDIS_SERVER_BIN,redis-server,redis-server,a Redis server)
+
+# The container tests build and run the shipped image on Debian's Docker engine (docker.io; the
+# tests start their own dockerd and stop it), make its base image with debootstrap (there is no
+# registry to pull one from) and validate the compose file with docker-compose.
+docker-bin:
+	$(call debian-binary,DOCKERD_BIN,dockerd,docker.io,a Docker engine)
+	$(call debian-binary,DEBOOTSTRAP_BIN,debootstrap,debootstrap,debootstrap)
+	$(call debian-binary,DOCKER_COMPOSE_BIN,docker-compose,docker-compose,docker-compose)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

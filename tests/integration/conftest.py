@@ -1,10 +1,12 @@
-"""The real cluster for integration tests: OPENSEARCH_URL if set; else an official OpenSearch container
-when a Docker engine answers; else the project-managed local node. Never a skip: no cluster is an error."""
+"""The real cluster for integration tests: OPENSEARCH_URL if set; else a container of the image that
+OPENSEARCH_TEST_IMAGE names (testcontainers' OpenSearch module, on the engine DOCKER_HOST names);
+else the project-managed local node. Chosen by what is asked for, not by whether a Docker engine
+answers: an engine with no registry behind it cannot pull an image. Never a skip: no cluster is an
+error."""
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,6 @@ from opensearchpy import OpenSearch
 
 from sidecar.config import DEFAULT_EMBEDDING_MODEL, LocalNodeSettings, Settings
 from sidecar.embedding import BiEncoder
-from sidecar.local_opensearch.artifacts import RELEASES
 from sidecar.local_opensearch.node import LocalNode
 from sidecar.retrieval.profiles import IndexProfile, discover_profile
 from tests.integration.sidecar_server import RunningSidecar, running_sidecar
@@ -33,36 +34,14 @@ class Cluster:
     local_node: LocalNode | None
 
 
-def _docker_answers() -> bool:
-    """Whether a Docker engine answers its /_ping. Asked over the socket by hand: the Docker SDK
-    leaks its socket when no engine is there."""
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    if host.startswith("unix://"):
-        family, address = socket.AF_UNIX, host.removeprefix("unix://")
-    elif host.startswith("tcp://"):
-        hostname, _, port = host.removeprefix("tcp://").partition(":")
-        family, address = socket.AF_INET, (hostname, int(port or 2375))  # type: ignore[assignment]
-    else:
-        return False
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as connection:
-            connection.settimeout(5)
-            connection.connect(address)
-            connection.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
-            return b"200 OK" in connection.recv(1024)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def opensearch() -> Iterator[Cluster]:
     if url := os.environ.get("OPENSEARCH_URL"):
         yield Cluster(url, OpenSearch(hosts=[url], timeout=60), None)
         return
-    if _docker_answers():
-        from testcontainers.opensearch import OpenSearchContainer
+    if image := os.environ.get("OPENSEARCH_TEST_IMAGE"):
+        from testcontainers.community.opensearch import OpenSearchContainer
 
-        image = f"opensearchproject/opensearch:{RELEASES[0].version}"
         with OpenSearchContainer(image=image, security_enabled=False) as container:
             config = container.get_config()
             url = f"http://{config['host']}:{config['port']}"

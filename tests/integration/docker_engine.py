@@ -94,9 +94,10 @@ def _buildkit_cli() -> str:
 def docker_engine() -> Iterator[DockerEngine]:
     """The engine of DOCKER_HOST when it answers, else our own dockerd for the block."""
     given = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    if _answers(given):
-        yield DockerEngine(given, _buildkit_cli())
-        return
+    for running in (given, f"unix://{OWN_SOCKET}"):  # ours, when left running by hand
+        if _answers(running):
+            yield DockerEngine(running, _buildkit_cli())
+            return
     dockerd = os.environ.get("DOCKERD_BIN") or shutil.which("dockerd") or "/usr/sbin/dockerd"
     if not Path(dockerd).exists():
         raise RuntimeError(

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.integration.processes import stop
+
 log = logging.getLogger(__name__)
 
 OWN_ROOT = Path("/var/lib/opensearch-sidecar/docker")  # images and build cache kept between runs
@@ -127,12 +129,7 @@ def docker_engine() -> Iterator[DockerEngine]:
             time.sleep(0.2)  # the socket is not there yet: nothing to wait on but time
         yield DockerEngine(host, _buildkit_cli())
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        stop(daemon, 60)
 
 
 def local_base_image(engine: DockerEngine) -> str:

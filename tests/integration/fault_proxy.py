@@ -6,7 +6,6 @@ connections; toxics add latency, cut a response after some bytes, reset connecti
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from tests.integration.go_tools import GoTool, go_tool_binary
+from tests.integration.processes import free_port, stop
 
 TOXIPROXY = GoTool(
     "toxiproxy",
@@ -24,13 +24,6 @@ TOXIPROXY = GoTool(
     package="cmd/server",
     override="TOXIPROXY_BIN",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Toxiproxy:
@@ -93,7 +86,7 @@ class Toxiproxy:
 @contextmanager
 def running_toxiproxy(upstream_url: str) -> Iterator[Toxiproxy]:
     """A Toxiproxy server on a free port with a proxy to the node at `upstream_url`."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(go_tool_binary(TOXIPROXY)), "-host", "127.0.0.1", "-port", str(port)],
         stdout=subprocess.DEVNULL,
@@ -104,12 +97,7 @@ def running_toxiproxy(upstream_url: str) -> Iterator[Toxiproxy]:
         _wait_for_api(api, server)
         yield Toxiproxy(api, upstream_url.removeprefix("http://").rstrip("/"))
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, 30)
 
 
 def _wait_for_api(api: str, server: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from tests.integration.processes import find_binary, free_port, stop
 
 INSTALL_HINT = (
     "install the Debian/Ubuntu package 'prometheus' (`make prometheus-bin` does it as root, or "
@@ -36,33 +36,8 @@ class PrometheusError(RuntimeError):
 
 
 def find_prometheus(environ: Mapping[str, str] = os.environ) -> Path:
-    """The Prometheus binary: PROMETHEUS_BIN when set (and then it must be executable, so a typo is
-    not hidden by a fallback), else `prometheus` on PATH, else Debian's /usr/bin/prometheus.
-
-    Raises PrometheusError saying how to install it when none is found.
-    """
-    if explicit := environ.get("PROMETHEUS_BIN"):
-        path = Path(explicit)
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        raise PrometheusError(
-            f"PROMETHEUS_BIN={explicit} is not an executable file; {INSTALL_HINT}"
-        )
-    if found := shutil.which("prometheus", path=environ.get("PATH", os.defpath)):
-        return Path(found)
-    debian = Path("/usr/bin/prometheus")
-    if os.access(debian, os.X_OK):
-        return debian
-    raise PrometheusError(f"no Prometheus binary found; {INSTALL_HINT}")
-
-
-def _free_port() -> int:
-    """A port that was free a moment ago; should another process take it first, Prometheus exits
-    and the start fails with its log, rather than hanging."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """PROMETHEUS_BIN, else `prometheus` on PATH, else Debian's. Raises PrometheusError."""
+    return find_binary("PROMETHEUS_BIN", "prometheus", INSTALL_HINT, PrometheusError, environ)
 
 
 def _duration(seconds: float) -> str:
@@ -96,7 +71,7 @@ class RunningPrometheus:
         workdir.mkdir(parents=True, exist_ok=True)
         config_path = workdir / "prometheus.yml"
         config_path.write_text(json.dumps(self._config(targets, scrape_interval_s), indent=2))
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         command = [
             str(binary),
@@ -269,10 +244,4 @@ class RunningPrometheus:
         process, self._process = self._process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process, STOP_TIMEOUT_S)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +13,7 @@ from types import TracebackType
 
 import redis
 
-from tests.integration.prometheus import _free_port
+from tests.integration.processes import find_binary, free_port, stop
 
 INSTALL_HINT = (
     "install the Debian/Ubuntu package 'redis-server' (`make redis-bin` does it as root, or "
@@ -30,23 +29,8 @@ class RedisServerError(RuntimeError):
 
 
 def find_redis_server(environ: Mapping[str, str] = os.environ) -> Path:
-    """REDIS_SERVER_BIN when set (and then it must be executable, so a typo is not hidden by a
-    fallback), else `redis-server` on PATH, else Debian's /usr/bin/redis-server.
-
-    Raises RedisServerError saying how to install it when none is found."""
-    if explicit := environ.get("REDIS_SERVER_BIN"):
-        path = Path(explicit)
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        raise RedisServerError(
-            f"REDIS_SERVER_BIN={explicit} is not an executable file; {INSTALL_HINT}"
-        )
-    if found := shutil.which("redis-server", path=environ.get("PATH", os.defpath)):
-        return Path(found)
-    debian = Path("/usr/bin/redis-server")
-    if os.access(debian, os.X_OK):
-        return debian
-    raise RedisServerError(f"no redis-server binary found; {INSTALL_HINT}")
+    """REDIS_SERVER_BIN, else `redis-server` on PATH, else Debian's. Raises RedisServerError."""
+    return find_binary("REDIS_SERVER_BIN", "redis-server", INSTALL_HINT, RedisServerError, environ)
 
 
 class RunningRedis:
@@ -56,7 +40,7 @@ class RunningRedis:
 
     def __init__(self, binary: Path, workdir: Path, password: str | None = None) -> None:
         self.binary = binary
-        self.port = _free_port()
+        self.port = free_port()
         self.password = password
         self.log_path = workdir / "redis.log"
         self.config_path = workdir / "redis.conf"
@@ -128,12 +112,7 @@ class RunningRedis:
         if self._process is None:
             return
         self._process.send_signal(signal.SIGCONT)  # a frozen server cannot act on SIGTERM
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop(self._process, STOP_TIMEOUT_S)
         self._process = None
 
     def __enter__(self) -> RunningRedis:

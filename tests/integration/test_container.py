@@ -22,11 +22,11 @@ import yaml
 from sidecar.testing import SidecarContainer
 from tests.integration.conftest import Cluster
 from tests.integration.docker_engine import DockerEngine, docker_engine, local_base_image
+from tests.integration.processes import free_port
 from tests.integration.test_listener import (
     IN_FLIGHT_AT_SIGNAL,
     LOAD_THREADS,
     SearchLoad,
-    free_port,
     wait_for,
 )
 from tests.integration.test_sidecar import QUERY, post

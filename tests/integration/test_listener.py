@@ -25,6 +25,7 @@ import pytest
 
 from sidecar.config import ENV_PREFIX
 from tests.integration.conftest import Cluster
+from tests.integration.processes import free_port
 from tests.integration.sidecar_server import RunningSidecar
 from tests.unit.api.test_listener import MALFORMED, MARKER, assert_opensearch_error, exchange
 
@@ -131,13 +132,6 @@ class SearchLoad:
                 outcome.ended_at = time.monotonic()
         finally:
             connection.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_until_ready(process: subprocess.Popen[bytes], url: str, log: Path) -> None:

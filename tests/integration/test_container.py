@@ -71,8 +71,9 @@ def image(engine: DockerEngine, pytestconfig: pytest.Config) -> str:
     built_s = time.monotonic() - started
     engine.run("image", "prune", "--force")  # the image this tag had before: its layers go
     size = int(engine.run("image", "inspect", "--format", "{{.Size}}", IMAGE))
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    reporter.write_line(f"image {IMAGE} on {base}: built in {built_s:.0f} s, {size / 1e9:.2f} GB")
+    # What capsys.disabled() does, for a module-scoped fixture (capsys is per test).
+    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\nimage {IMAGE} on {base}: built in {built_s:.0f} s, {size / 1e9:.2f} GB")
     return IMAGE
 
 

@@ -15,7 +15,7 @@ from sidecar.embedding import BiEncoder
 from tests.integration.conftest import Cluster
 from tests.integration.sidecar_server import metric_total, running_sidecar
 from tests.integration.test_identity import RecordingProxy
-from tests.integration.test_sidecar import QUERY, post
+from tests.integration.test_sidecar import QUERY, RERANKED, post
 
 pytestmark = pytest.mark.integration
 
@@ -45,14 +45,7 @@ def test_every_path_fails_over_to_a_node_that_answers(
                 {"index": pydoc_index, "query": QUERY, "k": 3, "candidates": 10},
             )
             assert status == 200, answer
-            status, answer, _ = post(
-                f"{server.url}/{pydoc_index}/_search",
-                {
-                    "query": {"match": {"text": "exception"}},
-                    "size": 3,
-                    "ext": {"rerank": {"query_context": {"query_text": QUERY}, "window": 5}},
-                },
-            )
+            status, answer, _ = post(f"{server.url}/{pydoc_index}/_search", RERANKED)
             assert status == 200, answer
             status, counted, _ = post(f"{server.url}/{pydoc_index}/_count", {})
             assert status == 200, counted

@@ -23,7 +23,7 @@ from sidecar.embedding import BiEncoder
 from tests.integration.conftest import Cluster
 from tests.integration.fault_proxy import Toxiproxy, running_toxiproxy
 from tests.integration.sidecar_server import RunningSidecar, running_sidecar
-from tests.integration.test_sidecar import QUERY
+from tests.integration.test_sidecar import QUERY, RERANKED
 
 pytestmark = pytest.mark.integration
 
@@ -102,14 +102,7 @@ def _requests(sidecar: RunningSidecar, index: str) -> dict[str, Callable[[], int
         "native": lambda: _call(
             f"{sidecar.url}/v1/search", {"index": index, "query": QUERY, "k": 3, "candidates": 20}
         ),
-        "intercept": lambda: _call(
-            f"{sidecar.url}/{index}/_search",
-            {
-                "query": {"match": {"text": "exception"}},
-                "size": 3,
-                "ext": {"rerank": {"query_context": {"query_text": QUERY}, "window": 10}},
-            },
-        ),
+        "intercept": lambda: _call(f"{sidecar.url}/{index}/_search", RERANKED),
         "proxy": lambda: _call(
             f"{sidecar.url}/{index}/_search", {"query": {"match": {"text": "file"}}}
         ),

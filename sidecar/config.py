@@ -31,7 +31,10 @@ CONFIG_FILE_VARIABLE = "SIDECAR_CONFIG_FILE"
 FailMode = Literal["open", "closed"]
 IdentityMode = Literal["forward", "service"]
 AwsService = Literal["es", "aoss"]
-Truncation = Literal["first", "max_chunk"]
+Truncation = Literal["first", "max_chunk", "best_passage"]
+# Where the cross-encoder runs (see sidecar/rerank/runtimes.py) and how it is quantized there.
+RerankRuntime = Literal["auto", "torch", "onnx", "openvino"]
+Quantization = Literal["none", "dynamic", "static"]
 Embedding = Literal["local", "neural", "none"]
 MatchType = Literal["best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix"]
 # The published BM25 protocol (BEIR): best_fields over the text fields, no boosts.
@@ -188,6 +191,13 @@ class Settings:
     reranker_model: str = DEFAULT_RERANKER_MODEL
     # Tokens per (query, document) pair; None keeps the model's own maximum.
     reranker_max_length: int | None = None
+    # What runs the cross-encoder: torch, or the sidecar's cached ONNX export of it on ONNX
+    # Runtime or OpenVINO (CPU; the `onnx` / `openvino` extras). auto: see README "Stage 2 speed".
+    reranker_backend: RerankRuntime = "auto"
+    # int8 on onnx/openvino: dynamic (no data needed) or static, its activation ranges measured on
+    # calibration pairs made from a BEIR folder's queries and corpus (reranker_calibration).
+    reranker_quantization: Quantization = "none"
+    reranker_calibration: Path | None = None
     # Micro-batcher: pairs per model call, padded tokens per call, wait for more work after the
     # first pair arrives, and the admission bound beyond which requests get 429.
     rerank_max_batch_pairs: int = 64
@@ -211,6 +221,8 @@ class Settings:
     # chunks and keeps the best; overlap between consecutive chunks, in tokens.
     truncation: Truncation = "first"
     chunk_overlap_tokens: int = 32
+    # `best_passage`: the longest window considered, in tokens (None: as long as the pair fits).
+    passage_tokens: int | None = None
     # Logits to final scores: sigmoid (comparable across requests), minmax or zscore (per result set).
     normalization: Normalization = "sigmoid"
     # Final = alpha * normalized rerank + (1 - alpha) * min-max first-stage score.
@@ -220,6 +232,9 @@ class Settings:
     # Candidate depth: default and the most a request may ask for.
     default_candidates: int = 100
     max_candidates: int = 1000
+    # Rerank only the first N candidates unless a request says otherwise (`rerank_depth`); the
+    # rest follow in first-stage order. None: all of them.
+    rerank_depth: int | None = None
     # Whole-request time budget; reranking gets what the first stage leaves.
     request_timeout_s: float = 10.0
     # When reranking cannot finish in time or fails: `open` returns the first-stage order
@@ -324,6 +339,19 @@ class Settings:
         _require(
             self.reranker_max_length is None or self.reranker_max_length >= 16,
             "SIDECAR_RERANKER_MAX_LENGTH must be at least 16 tokens",
+        )
+        _require(
+            self.passage_tokens is None or self.passage_tokens >= 8,
+            "SIDECAR_PASSAGE_TOKENS must be at least 8",
+        )
+        _require(
+            self.reranker_quantization != "static" or self.reranker_calibration is not None,
+            "SIDECAR_RERANKER_QUANTIZATION=static needs SIDECAR_RERANKER_CALIBRATION (a BEIR "
+            "folder whose queries and corpus make the calibration pairs)",
+        )
+        _require(
+            self.rerank_depth is None or self.rerank_depth >= 1,
+            "SIDECAR_RERANK_DEPTH must be at least 1 (unset: rerank every candidate)",
         )
         _require(0.0 <= self.alpha <= 1.0, "SIDECAR_ALPHA must be between 0 and 1")
         _require(

@@ -73,6 +73,9 @@ class SearchRequest:
     fusion: Fusion
     rerank: bool
     truncation: Truncation
+    # Rerank only the first `rerank_depth` candidates; the rest follow in first-stage order.
+    # None: all of them.
+    rerank_depth: int | None = None
     weights: tuple[float, float] | None = None
     filter: Filter | None = None
     explain: bool = False
@@ -96,6 +99,8 @@ class RerankReport:
     reason: str | None = None
     # Candidates whose rerank text was empty: not scored, kept below the reranked hits.
     empty_text: int = 0
+    # Candidates past the rerank depth: not scored, kept in first-stage order below the reranked.
+    below_depth: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,9 @@ class RankedHit:
     # Reranking ran but this candidate had no text to read: it keeps its first-stage order
     # below every reranked hit, with score 0.
     empty_text: bool = False
+    # Past the request's rerank depth: not scored, in first-stage order below the reranked hits,
+    # its score the first-stage normalized score scaled below the lowest reranked score.
+    below_depth: bool = False
 
 
 @dataclass
@@ -240,6 +248,7 @@ class SearchPipeline:
             deadline,
             timings,
             read_cache=request.rerank_cache,
+            depth=request.rerank_depth,
         )
         log_stage("total", timings.record("total", started), hits=len(hits))
         top = hits[: self._settings.provenance_top_k]
@@ -274,25 +283,30 @@ class SearchPipeline:
         deadline: float,
         timings: Timings,
         read_cache: bool = True,
+        depth: int | None = None,
     ) -> tuple[list[RankedHit], RerankReport]:
         """Stage 2 and normalization over first-stage `candidates` (best first), reading `texts`
         (one per candidate); top `k` returned.
 
-        Shared by the native API and the `_search` interception. A candidate whose text is empty
-        is never scored (an empty text would get an arbitrary score): it stays below the reranked
-        hits in first-stage order, flagged and counted. Falls open to the first-stage order
-        (flagged in the report) unless the operator chose fail-closed.
+        Shared by the native API and the `_search` interception. Only the first `depth`
+        candidates are reranked (None: all): deeper reranking costs in proportion and gains ever
+        less, so the rest follow in first-stage order. A candidate whose text is empty is never
+        scored (an empty text would get an arbitrary score): it stays below the others in
+        first-stage order, flagged and counted. Falls open to the first-stage order (flagged in
+        the report) unless the operator chose fail-closed.
         """
         backend = self._reranker.backend
         report = RerankReport(
             applied=False, model=backend.model_name, device=backend.device, dtype=backend.dtype
         )
         logits: list[float | None] | None = None
-        readable = [i for i, text in enumerate(texts) if text.strip()]
+        within_depth = len(candidates) if depth is None else min(depth, len(candidates))
+        readable = [i for i, text in enumerate(texts[:within_depth]) if text.strip()]
         if enabled and candidates:
             stage = time.perf_counter()
             documents = [RerankDocument(candidates[i].id, texts[i]) for i in readable]
-            empty_text = len(candidates) - len(readable)
+            empty_text = sum(not text.strip() for text in texts)
+            below_depth = sum(bool(text.strip()) for text in texts[within_depth:])
             self.metrics.rerank_empty_text.inc(empty_text)
             reason = None
             try:
@@ -314,6 +328,7 @@ class SearchPipeline:
                     cache_hits=scores.cache_hits,
                     pairs_scored=scores.pairs_scored,
                     empty_text=empty_text,
+                    below_depth=below_depth,
                 )
             except Overloaded:
                 raise
@@ -344,17 +359,23 @@ class SearchPipeline:
                 cache_hits=report.cache_hits,
                 pairs_scored=report.pairs_scored,
                 empty_text=empty_text,
+                below_depth=below_depth,
                 fail_open=report.fail_open,
                 reason=report.reason,
             )
         stage = time.perf_counter()
-        hits = self._final_order(candidates, logits)[:k]
+        hits = self._final_order(candidates, texts, logits)[:k]
         log_stage("normalize", timings.record("normalize", stage), hits=len(hits))
         return hits, report
 
     def _final_order(
-        self, candidates: Sequence[Candidate], logits: Sequence[float | None] | None
+        self,
+        candidates: Sequence[Candidate],
+        texts: Sequence[str],
+        logits: Sequence[float | None] | None,
     ) -> list[RankedHit]:
+        """Reranked hits by final score, then those past the depth in first-stage order, then
+        those with no text (score 0); scores never increase down the list."""
         first_stage = minmax_first_stage([c.fused_score for c in candidates])
         if logits is None:
             return [
@@ -374,12 +395,26 @@ class SearchPipeline:
             for i, score in zip(scored, final, strict=True)
         ]
         reranked.sort(key=lambda hit: (-hit.score, hit.first_stage_rank))
-        unread = [
-            RankedHit(candidate, rank, None, 0.0, first_stage[rank - 1], empty_text=True)
-            for rank, candidate in enumerate(candidates, 1)
-            if logits[rank - 1] is None
+        lowest = min(final, default=1.0)
+        unscored = [i for i, logit in enumerate(logits) if logit is None]
+        below_depth = [
+            RankedHit(
+                candidates[i],
+                i + 1,
+                None,
+                lowest * first_stage[i],
+                first_stage[i],
+                below_depth=True,
+            )
+            for i in unscored
+            if texts[i].strip()
         ]
-        return reranked + unread
+        unread = [
+            RankedHit(candidates[i], i + 1, None, 0.0, first_stage[i], empty_text=True)
+            for i in unscored
+            if not texts[i].strip()
+        ]
+        return reranked + below_depth + unread
 
     async def embed_query(self, text: str, model: str | None) -> tuple[list[float], bool]:
         """The query's vector from bi-encoder `model` (None: the default), and whether it came

@@ -136,9 +136,10 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         texts,
         offset + size,
         True,
-        settings.truncation,
+        rerank_ext.truncation,
         deadline,
         timings,
+        depth=rerank_ext.rerank_depth,
     )
     caller_patterns = [f for f in asked_fields or [] if isinstance(f, str)]
     page = ranked[offset : offset + size]
@@ -152,6 +153,8 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         }
         if hit.empty_text:
             entry["_rerank"]["empty_text"] = True
+        if hit.below_depth:
+            entry["_rerank"]["below_depth"] = True
         entry["_score"] = finite(hit.score)
         hits.append(entry)
     response["hits"]["hits"] = hits

@@ -49,6 +49,7 @@ def rerank_report(report: RerankReport) -> dict[str, Any]:
         "fail_open": report.fail_open,
         "reason": report.reason,
         "empty_text": report.empty_text,
+        "below_depth": report.below_depth,
     }
 
 

@@ -222,6 +222,8 @@ def _native_hit(hit: RankedHit, explain: bool) -> dict[str, Any]:
     }
     if hit.empty_text:
         entry["empty_text"] = True
+    if hit.below_depth:
+        entry["below_depth"] = True
     if explain:
         entry["explain"] = {"provenance": candidate.provenance}
     return entry

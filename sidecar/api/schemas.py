@@ -7,7 +7,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 from sidecar.api.errors import ApiError, bad_request
 from sidecar.config import Settings, Truncation
@@ -30,6 +30,7 @@ _NATIVE_FIELDS = frozenset(
         "weights",
         "rerank",
         "truncation",
+        "rerank_depth",
         "explain",
         "rerank_cache",
         "document_fields",
@@ -126,9 +127,6 @@ def parse_search_request(body: Mapping[str, Any], settings: Settings) -> SearchR
     fusion = body.get("fusion", "convex")
     if fusion not in FUSIONS:
         raise bad_request(f"[fusion] must be one of {', '.join(FUSIONS)}")
-    truncation = body.get("truncation", settings.truncation)
-    if truncation not in get_args(Truncation):
-        raise bad_request(f"[truncation] must be one of {', '.join(get_args(Truncation))}")
     filter_clause = body.get("filter")
     if filter_clause is not None and not (
         isinstance(filter_clause, dict) and len(filter_clause) == 1
@@ -143,7 +141,8 @@ def parse_search_request(body: Mapping[str, Any], settings: Settings) -> SearchR
         candidates=candidates,
         fusion=fusion,
         rerank=_boolean(body, "rerank", True),
-        truncation=truncation,
+        truncation=_truncation(body, settings),
+        rerank_depth=_rerank_depth(body, settings),
         weights=_weights(body.get("weights")),
         filter=filter_clause,
         explain=_boolean(body, "explain", False),
@@ -160,6 +159,8 @@ class RerankExt:
     window: int
     # None: the index profile's document fields.
     document_fields: tuple[str, ...] | None
+    truncation: Truncation
+    rerank_depth: int | None
 
 
 def parse_rerank_ext(ext: Any, settings: Settings) -> RerankExt:
@@ -179,7 +180,35 @@ def parse_rerank_ext(ext: Any, settings: Settings) -> RerankExt:
             f"[ext.rerank.window] is {window}, above the maximum {settings.max_candidates}"
         )
     fields = _field_names(ext, "document_fields", "ext.rerank.document_fields")
-    return RerankExt(query_text=query_text, window=window, document_fields=fields)
+    return RerankExt(
+        query_text=query_text,
+        window=window,
+        document_fields=fields,
+        truncation=_truncation(ext, settings, "ext.rerank.truncation"),
+        rerank_depth=_rerank_depth(ext, settings, "ext.rerank.rerank_depth"),
+    )
+
+
+def _truncation(
+    body: Mapping[str, Any], settings: Settings, label: str = "truncation"
+) -> Truncation:
+    truncation = body.get("truncation", settings.truncation)
+    if truncation not in get_args(Truncation):
+        raise bad_request(f"[{label}] must be one of {', '.join(get_args(Truncation))}")
+    return cast(Truncation, truncation)
+
+
+def _rerank_depth(
+    body: Mapping[str, Any], settings: Settings, label: str = "rerank_depth"
+) -> int | None:
+    """How many of the first candidates are reranked; None: all. Deeper than the candidates is
+    allowed (it reranks them all), so one default suits requests of any depth."""
+    if "rerank_depth" not in body:
+        return settings.rerank_depth
+    depth = _integer(body, "rerank_depth", 1, label)
+    if depth > settings.max_candidates:
+        raise bad_request(f"[{label}] is {depth}, above the maximum {settings.max_candidates}")
+    return depth
 
 
 def _field_names(

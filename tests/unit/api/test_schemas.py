@@ -212,7 +212,7 @@ def test_unknown_fusion_is_refused(value: Any) -> None:
 @pytest.mark.parametrize("value", ["last", "First", None, 0])
 def test_unknown_truncation_is_refused(value: Any) -> None:
     error = refused(parse_search_request, search(truncation=value), SETTINGS)
-    assert_bad_request(error, "[truncation] must be one of first, max_chunk")
+    assert_bad_request(error, "[truncation] must be one of first, max_chunk, best_passage")
 
 
 @pytest.mark.parametrize("field", ["rerank", "explain"])
@@ -329,6 +329,8 @@ def test_rerank_ext_defaults() -> None:
         query_text="what is bm25",
         window=SETTINGS.default_candidates,
         document_fields=None,
+        truncation=SETTINGS.truncation,
+        rerank_depth=None,
     )
 
 
@@ -337,7 +339,13 @@ def test_rerank_ext_explicit_values() -> None:
         {"query_context": {"query_text": "q"}, "window": 200, "document_fields": ["body"]},
         SETTINGS,
     )
-    assert ext == RerankExt(query_text="q", window=200, document_fields=("body",))
+    assert ext == RerankExt(
+        query_text="q",
+        window=200,
+        document_fields=("body",),
+        truncation=SETTINGS.truncation,
+        rerank_depth=None,
+    )
 
 
 @pytest.mark.parametrize("ext", [None, [], "rerank", 1])
@@ -470,3 +478,60 @@ def test_only_json_bodies_are_read_as_opensearch_does(
     with pytest.raises(ApiError, match="Content-Type header") as raised:
         check_json_media_type(content_type)
     assert raised.value.status == 406
+
+
+# rerank_depth and truncation, native and ext.rerank
+
+
+def test_rerank_depth_defaults_to_the_setting_and_none_reranks_all() -> None:
+    assert parse_search_request(MINIMAL, SETTINGS).rerank_depth is None
+    settings = Settings(rerank_depth=20)
+    assert parse_search_request(MINIMAL, settings).rerank_depth == 20
+    assert parse_search_request(search(rerank_depth=5), settings).rerank_depth == 5
+
+
+def test_rerank_depth_deeper_than_the_candidates_is_allowed() -> None:
+    request = parse_search_request(search(candidates=10, rerank_depth=50), SETTINGS)
+    assert (request.candidates, request.rerank_depth) == (10, 50)
+
+
+@pytest.mark.parametrize(
+    ("depth", "message"),
+    [
+        (0, "[rerank_depth] must be at least 1"),
+        (-3, "[rerank_depth] must be at least 1"),
+        ("10", "[rerank_depth] must be an integer"),
+        (True, "[rerank_depth] must be an integer"),
+        (201, "[rerank_depth] is 201, above the maximum 200"),
+    ],
+)
+def test_a_bad_rerank_depth_is_refused(depth: Any, message: str) -> None:
+    error = refused(parse_search_request, search(rerank_depth=depth), SETTINGS)
+    assert_bad_request(error, message)
+
+
+def test_best_passage_is_a_truncation() -> None:
+    request = parse_search_request(search(truncation="best_passage"), SETTINGS)
+    assert request.truncation == "best_passage"
+
+
+def test_rerank_ext_takes_truncation_and_depth_with_defaults_from_settings() -> None:
+    context = {"query_context": {"query_text": "what is bm25"}}
+    settings = Settings(truncation="max_chunk", rerank_depth=30)
+    defaults = parse_rerank_ext(context, settings)
+    assert (defaults.truncation, defaults.rerank_depth) == ("max_chunk", 30)
+    given = parse_rerank_ext({**context, "truncation": "best_passage", "rerank_depth": 7}, settings)
+    assert (given.truncation, given.rerank_depth) == ("best_passage", 7)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("truncation", "last", "[ext.rerank.truncation] must be one of"),
+        ("rerank_depth", 0, "[ext.rerank.rerank_depth] must be at least 1"),
+        ("rerank_depth", 1.5, "[ext.rerank.rerank_depth] must be an integer"),
+    ],
+)
+def test_rerank_ext_refuses_a_bad_truncation_or_depth(field: str, value: Any, message: str) -> None:
+    ext = {"query_context": {"query_text": "q"}, field: value}
+    assert_bad_request(refused(parse_rerank_ext, ext, SETTINGS), message)

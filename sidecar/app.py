@@ -25,6 +25,7 @@ from sidecar.rerank.backend import CrossEncoderBackend, RerankBackend, hub_model
 from sidecar.rerank.batcher import BatchLimits, MicroBatcher
 from sidecar.rerank.cache import ScoreCache
 from sidecar.rerank.reranker import Reranker
+from sidecar.rerank.runtimes import calibration_pairs
 from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import Upstream
@@ -126,6 +127,7 @@ def create_app(
                 prepare_executor,
                 metrics,
                 overlap_tokens=settings.chunk_overlap_tokens,
+                passage_tokens=settings.passage_tokens,
                 shared_cache=shared_cache,
             )
             app[SERVICES] = Services(
@@ -268,11 +270,23 @@ def load_cross_encoder(settings: Settings) -> CrossEncoderBackend:
             f"SIDECAR_RERANKER_MODEL={settings.reranker_model!r} is not a local directory, not in the "
             "Hugging Face cache, and the Hub is unreachable: point it at a local model directory"
         )
-    backend = CrossEncoderBackend(
-        settings.reranker_model,
-        device=settings.device,
-        dtype=settings.reranker_dtype,
-        max_length=settings.reranker_max_length,
-    )
+    try:
+        backend = CrossEncoderBackend(
+            settings.reranker_model,
+            device=settings.device,
+            dtype=settings.reranker_dtype,
+            max_length=settings.reranker_max_length,
+            runtime=settings.reranker_backend,
+            quantization=settings.reranker_quantization,
+            calibration=(
+                calibration_pairs(settings.reranker_calibration)
+                if settings.reranker_calibration is not None
+                and settings.reranker_quantization == "static"
+                else ()
+            ),
+            cache_dir=settings.cache_dir,
+        )
+    except (ValueError, OSError) as error:
+        raise SettingsError(f"reranker: {error}") from None
     backend.warm_up()
     return backend

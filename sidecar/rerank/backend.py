@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from sidecar.config import Truncation
+from sidecar.config import Quantization, RerankRuntime, Truncation, default_cache_dir
 from sidecar.device import select_device, select_dtype
 from sidecar.rerank.batcher import BatchTooLarge
+from sidecar.rerank.passages import best_windows, token_windows
+from sidecar.rerank.runtimes import (
+    OnnxRuntimeScorer,
+    OpenVinoScorer,
+    PairScorer,
+    cached_export,
+    select_runtime,
+    tokenize_pairs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +51,16 @@ class RerankBackend(Protocol):
     max_length: int
 
     def prepare(
-        self, query: str, texts: Sequence[str], truncation: Truncation, overlap_tokens: int
+        self,
+        query: str,
+        texts: Sequence[str],
+        truncation: Truncation,
+        overlap_tokens: int,
+        passage_tokens: int | None = None,
     ) -> list[list[ScoringPair]]:
-        """Per document, the pairs to score: one for `first`, one per chunk for `max_chunk`."""
+        """Per document, the pairs to score: one for `first` (cut at the model's length), one per
+        overlapping window for `max_chunk`, and for `best_passage` the one window of at most
+        `passage_tokens` (None: as long as fits) that best matches the query lexically."""
         ...
 
     def score(self, pairs: Sequence[ScoringPair]) -> list[float]:
@@ -65,7 +82,8 @@ def model_identity(source: str, revision: str | None) -> str:
 
 
 class CrossEncoderBackend:
-    """A sentence-transformers CrossEncoder with a single relevance logit."""
+    """A sentence-transformers CrossEncoder with a single relevance logit, run by torch or, from
+    a cached ONNX export, by ONNX Runtime or OpenVINO (see `runtimes`)."""
 
     def __init__(
         self,
@@ -75,6 +93,10 @@ class CrossEncoderBackend:
         dtype: str = "auto",
         max_length: int | None = None,
         revision: str | None = None,
+        runtime: RerankRuntime = "torch",
+        quantization: Quantization = "none",
+        calibration: Sequence[tuple[str, str]] = (),
+        cache_dir: Path | None = None,
     ) -> None:
         import torch
         from sentence_transformers import CrossEncoder
@@ -83,12 +105,17 @@ class CrossEncoderBackend:
 
         self.model_name = model
         self.device = select_device(device)
-        torch_dtype = select_dtype(dtype, self.device)
-        self.dtype = str(torch_dtype).removeprefix("torch.")
+        self.runtime = select_runtime(runtime, self.device)
+        if quantization != "none" and self.runtime == "torch":
+            raise ValueError(
+                "int8 quantization (SIDECAR_RERANKER_QUANTIZATION) needs the onnx or openvino "
+                "backend"
+            )
+        torch_dtype = select_dtype(dtype, self.device) if self.runtime == "torch" else torch.float32
         source = resolve_model_source(model)
         self._model = CrossEncoder(
             source,
-            device=self.device,
+            device=self.device if self.runtime == "torch" else "cpu",
             revision=revision,
             max_length=max_length,
             model_kwargs={"dtype": torch_dtype},
@@ -103,15 +130,44 @@ class CrossEncoderBackend:
         self._special_tokens = int(self._tokenizer.num_special_tokens_to_add(pair=True))
         self._identity_activation = torch.nn.Identity()
         self._out_of_memory: type[BaseException] = torch.cuda.OutOfMemoryError
-        self.identity = model_identity(source, revision)
+        base_identity = model_identity(source, revision)
+        self._scorer: PairScorer | None = None
+        if self.runtime == "torch":
+            self.identity = base_identity
+            self.dtype = str(torch_dtype).removeprefix("torch.")
+            return
+        self._model.max_seq_length = self.max_length
+        exported = cached_export(
+            self._model,
+            base_identity,
+            quantization,
+            cache_dir or default_cache_dir(os.environ),
+            calibration,
+        )
+        bf16 = self.runtime == "openvino" and select_dtype(dtype, "cpu") == torch.bfloat16
+        if self.runtime == "onnx":
+            self._scorer = OnnxRuntimeScorer(exported)
+        else:
+            self._scorer = OpenVinoScorer(
+                exported, bf16=bf16, cache_dir=cache_dir or default_cache_dir(os.environ)
+            )
+        self.dtype = "int8" if quantization != "none" else ("bfloat16" if bf16 else "float32")
+        # Scores of another runtime or precision are not these: the cache must not mix them.
+        self.identity = f"{base_identity}|{self.runtime}-{quantization}"
+        self.model_name = model
+        del self._model  # the export is what runs; the torch weights are not needed again
 
     def prepare(
-        self, query: str, texts: Sequence[str], truncation: Truncation, overlap_tokens: int
+        self,
+        query: str,
+        texts: Sequence[str],
+        truncation: Truncation,
+        overlap_tokens: int,
+        passage_tokens: int | None = None,
     ) -> list[list[ScoringPair]]:
         # Lengths are counted untruncated (verbose=False: no warning for long documents).
-        query_tokens = len(
-            self._tokenizer(query, add_special_tokens=False, verbose=False)["input_ids"]
-        )
+        query_ids = self._tokenizer(query, add_special_tokens=False, verbose=False)["input_ids"]
+        query_tokens = len(query_ids)
         encoded = self._tokenizer(
             list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False
         )
@@ -121,26 +177,36 @@ class CrossEncoderBackend:
                 for text, ids in zip(texts, encoded["input_ids"], strict=True)
             ]
         query_budget = min(query_tokens, int(self.max_length * _MAX_QUERY_SHARE))
-        chunk_tokens = self.max_length - self._special_tokens - query_budget
-        stride = max(1, chunk_tokens - overlap_tokens)
-        prepared = []
-        for text, offsets in zip(texts, encoded["offset_mapping"], strict=True):
-            if len(offsets) <= chunk_tokens:
-                prepared.append(
-                    [ScoringPair(query, text, self._pair_length(query_tokens, len(offsets)))]
-                )
-                continue
-            chunks = []
-            for start in range(0, len(offsets) - overlap_tokens, stride):
-                window = offsets[start : start + chunk_tokens]
-                chunk = text[window[0][0] : window[-1][1]]
-                chunks.append(
-                    ScoringPair(query, chunk, self._pair_length(query_tokens, len(window)))
-                )
-            prepared.append(chunks)
-        return prepared
+        window_tokens = self.max_length - self._special_tokens - query_budget
+        if truncation == "best_passage" and passage_tokens is not None:
+            window_tokens = min(window_tokens, passage_tokens)
+        spans = [
+            token_windows(len(offsets), window_tokens, overlap_tokens)
+            for offsets in encoded["offset_mapping"]
+        ]
+        if truncation == "best_passage":
+            chosen = best_windows(
+                query_ids,
+                [
+                    [ids[start:end] for start, end in document]
+                    for ids, document in zip(encoded["input_ids"], spans, strict=True)
+                ],
+            )
+            spans = [[document[i]] for document, i in zip(spans, chosen, strict=True)]
+        return [
+            [
+                self._window_pair(query, query_tokens, text, offsets, start, end)
+                for start, end in document
+            ]
+            for text, offsets, document in zip(texts, encoded["offset_mapping"], spans, strict=True)
+        ]
 
     def score(self, pairs: Sequence[ScoringPair]) -> list[float]:
+        if self._scorer is not None:
+            features = tokenize_pairs(
+                self._tokenizer, [(pair.query, pair.text) for pair in pairs], self.max_length
+            )
+            return self._scorer(features).astype(float).tolist()  # type: ignore[no-any-return]
         try:
             logits = self._model.predict(
                 [(pair.query, pair.text) for pair in pairs],
@@ -160,6 +226,20 @@ class CrossEncoderBackend:
     def warm_up(self) -> None:
         """One forward pass at start, so the first request does not pay for lazy initialization."""
         self.score([ScoringPair("warm up", "warm up the cross-encoder", 8)])
+
+    def _window_pair(
+        self,
+        query: str,
+        query_tokens: int,
+        text: str,
+        offsets: Sequence[tuple[int, int]],
+        start: int,
+        end: int,
+    ) -> ScoringPair:
+        if start == 0 and end == len(offsets):
+            return ScoringPair(query, text, self._pair_length(query_tokens, len(offsets)))
+        chunk = text[offsets[start][0] : offsets[end - 1][1]]
+        return ScoringPair(query, chunk, self._pair_length(query_tokens, end - start))
 
     def _pair_length(self, query_tokens: int, text_tokens: int) -> int:
         return min(self.max_length, query_tokens + text_tokens + self._special_tokens)

@@ -51,6 +51,7 @@ class Reranker:
         metrics: Metrics,
         *,
         overlap_tokens: int,
+        passage_tokens: int | None = None,
         shared_cache: SharedScoreCache | None = None,
     ) -> None:
         self.backend = backend
@@ -60,6 +61,7 @@ class Reranker:
         self._shared_cache = shared_cache
         self._prepare_executor = prepare_executor
         self._overlap_tokens = overlap_tokens
+        self._passage_tokens = passage_tokens
 
     def check_admission(self, documents: int) -> None:
         """Raises Overloaded when `documents` more pairs (one each: an estimate, before cache hits
@@ -127,6 +129,7 @@ class Reranker:
             texts,
             truncation,
             self._overlap_tokens,
+            self._passage_tokens,
         )
         flat = [(pair, pair.token_length) for pairs in prepared for pair in pairs]
         pair_scores = await self._batcher.submit(flat)

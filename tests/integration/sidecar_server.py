@@ -61,12 +61,14 @@ class RunningSidecar:
 
 
 def sidecar_settings(opensearch_url: str, model: Path, **overrides: Any) -> Settings:
-    """Settings for a test sidecar: the small offline cross-encoder in float32 (exact comparisons),
-    short pairs, a generous deadline unless a test sets one, small limits for the bad-input tests."""
+    """Settings for a test sidecar: the small offline cross-encoder on torch in float32 (exact
+    comparisons; the other runtimes have tests of their own), short pairs, a generous deadline
+    unless a test sets one, small limits for the bad-input tests."""
     values: dict[str, Any] = {
         "opensearch_url": opensearch_url,
         "reranker_model": str(model),
         "reranker_dtype": "float32",
+        "reranker_backend": "torch",
         "reranker_max_length": 128,
         "request_timeout_s": 120.0,
         "max_candidates": 200,

@@ -29,7 +29,12 @@ class FakeBackend:
         self.scored: list[str] = []
 
     def prepare(
-        self, query: str, texts: Sequence[str], truncation: Truncation, overlap_tokens: int
+        self,
+        query: str,
+        texts: Sequence[str],
+        truncation: Truncation,
+        overlap_tokens: int,
+        passage_tokens: int | None = None,
     ) -> list[list[ScoringPair]]:
         split = (lambda t: t.split("|")) if truncation == "max_chunk" else (lambda t: [t])
         return [

@@ -249,19 +249,31 @@ def _build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train-reranker",
-        help="fine-tune a cross-encoder on a BEIR collection's judgments, negatives mined through "
-        "a running sidecar's first stage",
+        help="fine-tune a cross-encoder (or distil one into a shallower student) on a BEIR "
+        "collection's judgments, negatives mined through a running sidecar's first stage",
     )
     train.add_argument("--dataset", type=Path, required=True, help="BEIR folder")
     train.add_argument(
         "--qrels", default="qrels/train.tsv", help="relative to --dataset, or an absolute path"
     )
     train.add_argument("--index", required=True, help="loaded from the dataset's corpus if absent")
-    train.add_argument(
+    start = train.add_mutually_exclusive_group()
+    start.add_argument(
         "--base",
         default=DEFAULT_EMBEDDING_MODEL,
         help="Hub id or local folder: a cross-encoder, or an encoder that gets a fresh head "
         "(default: the bundled all-MiniLM-L6-v2)",
+    )
+    start.add_argument(
+        "--teacher",
+        help="Hub id or local folder of a trained cross-encoder to distil into a student of "
+        "--layers layers (the teacher's first N and its head), trained on its score margins",
+    )
+    train.add_argument(
+        "--layers",
+        type=int,
+        help="transformer layers to keep: the student's depth with --teacher (required), else "
+        "the base is cut to its first N",
     )
     train.add_argument("--out", type=Path, required=True, help="model folder to write")
     train.add_argument(
@@ -272,13 +284,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--validation-share", type=float, default=0.2, help="of the rest")
     train.add_argument("--candidates", type=int, default=20, help="per retriever, mined from")
-    train.add_argument("--negatives", type=int, default=4, help="hard negatives per query")
+    train.add_argument(
+        "--negatives",
+        type=int,
+        default=4,
+        help="hard negatives per query (with --teacher: per relevant document)",
+    )
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument(
         "--learning-rate",
         type=float,
-        help="default: 2e-5 to fine-tune a cross-encoder, 1e-4 for an encoder's fresh head",
+        help="default: 2e-5 to fine-tune a cross-encoder or distil, 1e-4 for an encoder's "
+        "fresh head",
     )
     train.add_argument("--max-length", type=int, default=256, help="tokens per pair")
     train.add_argument("--seed", type=int, default=13)
@@ -547,24 +565,29 @@ def _ensure_index(settings: Settings, index: str, corpus: Path) -> None:
 
 
 def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
-    from sidecar.training import TrainOptions, train_reranker
+    from sidecar.training import FitOptions, TrainOptions, check_start, train_reranker
 
-    _ensure_index(settings, args.index, args.dataset / "corpus.jsonl")
     options = TrainOptions(
         holdout_share=args.holdout_share,
         validation_share=args.validation_share,
         candidates=args.candidates,
         negatives=args.negatives,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_length=args.max_length,
-        seed=args.seed,
-        device=args.device or settings.device,
-        checkpoint_steps=args.checkpoint_steps,
-        resume=args.resume,
+        teacher=args.teacher,
+        layers=args.layers,
+        fit=FitOptions(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            max_length=args.max_length,
+            seed=args.seed,
+            device=args.device or settings.device,
+            checkpoint_steps=args.checkpoint_steps,
+            resume=args.resume,
+        ),
         normalization=settings.normalization,
     )
+    check_start(args.base, options)
+    _ensure_index(settings, args.index, args.dataset / "corpus.jsonl")
     trained = train_reranker(
         args.sidecar_url or _local_sidecar(settings),
         args.index,

@@ -1,4 +1,5 @@
-"""Training data preparation (split, negatives, pairs) and one tiny real fine-tuning run on CPU."""
+"""Training data preparation (split, negatives, pairs, distillation triples and targets), cutting a
+model to a student's depth, and one tiny real fine-tuning run on CPU."""
 
 import json
 import logging
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from sidecar.config import DEFAULT_EMBEDDING_MODEL
@@ -18,15 +20,24 @@ from sidecar.rerank.backend import (
     has_relevance_head,
 )
 from sidecar.training import (
+    Distillation,
     Example,
+    FitOptions,
     TrainingReport,
+    TrainOptions,
     ValidationQuery,
     build_examples,
+    build_triples,
+    check_layers,
     choose_alpha,
+    is_cross_encoder,
     mine_negatives,
     read_documents,
+    score_margins,
     split_queries,
     train_cross_encoder,
+    train_reranker,
+    truncate_layers,
     write_model_card,
     write_qrels,
 )
@@ -107,6 +118,195 @@ def test_examples_label_relevant_one_and_negatives_zero() -> None:
 def test_examples_refuse_a_relevant_negative() -> None:
     with pytest.raises(ValueError, match="judged relevant"):
         build_examples({"q1": "first"}, {"d1": "one"}, QRELS, {"q1": ["d1"]})
+
+
+def test_triples_pair_every_relevant_document_with_every_negative_in_order() -> None:
+    queries = {"q1": "first", "q2": "second", "q9": "unjudged"}
+    documents = {f"d{i}": f"text {i}" for i in range(1, 9)}
+    negatives = {"q1": ["d3", "d4", "d404"], "q2": ["d6"], "q9": ["d1"]}
+    triples = build_triples(queries, documents, QRELS, negatives)
+    assert triples == [
+        ("first", "text 1", "text 3"),
+        ("first", "text 1", "text 4"),
+        ("first", "text 2", "text 3"),
+        ("first", "text 2", "text 4"),
+        ("second", "text 5", "text 6"),
+    ], "a missing document is skipped, a query without judgments contributes nothing"
+
+
+def test_triples_refuse_a_relevant_negative() -> None:
+    with pytest.raises(ValueError, match="judged relevant"):
+        build_triples({"q1": "first"}, {"d1": "one", "d2": "two"}, QRELS, {"q1": ["d2"]})
+
+
+class LengthTeacher:
+    """Scores a pair by its document's length, and records what it was asked to score."""
+
+    def __init__(self) -> None:
+        self.scored: list[tuple[str, str]] = []
+
+    def predict(self, pairs: list[tuple[str, str]], **options: Any) -> np.ndarray:
+        self.scored.extend(pairs)
+        return np.array([float(len(text)) for _, text in pairs], dtype=np.float32)
+
+
+def test_margins_are_the_teachers_logit_differences_each_pair_scored_once() -> None:
+    triples = [("q", "long positive", "neg"), ("q", "long positive", "negative"), ("r", "p", "neg")]
+    teacher = LengthTeacher()
+    margins, scored = score_margins(teacher, triples, batch_size=2, progress=False)
+    assert margins == [10.0, 5.0, -2.0]
+    assert scored == len(teacher.scored) == 5
+    assert len(set(teacher.scored)) == 5
+
+
+def tiny_bert_config(layers: int) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+
+
+@pytest.mark.parametrize("head", ["bare encoder", "sequence classifier"])
+def test_truncation_keeps_the_embeddings_the_first_layers_and_the_head(head: str) -> None:
+    import torch
+    from transformers import BertForSequenceClassification, BertModel
+
+    config = tiny_bert_config(4)
+    model = BertModel(config) if head == "bare encoder" else BertForSequenceClassification(config)
+    kept = list(model.base_model.encoder.layer[:2])
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+
+    assert truncate_layers(model, 2) == 4
+
+    assert list(model.base_model.encoder.layer) == kept
+    assert model.config.num_hidden_layers == 2
+    after = model.state_dict()
+    assert all(".layer.2." not in name and ".layer.3." not in name for name in after)
+    assert set(after) == {
+        name for name in before if ".layer.2." not in name and ".layer.3." not in name
+    }
+    assert all(torch.equal(after[name], before[name]) for name in after)
+    model(input_ids=torch.tensor([[1, 2, 3]]))  # still runs end to end
+
+
+@pytest.mark.parametrize("layers", [0, -1, 4, 5])
+def test_truncation_refuses_keeping_none_or_all_of_the_layers(layers: int) -> None:
+    from transformers import BertModel
+
+    model = BertModel(tiny_bert_config(4))
+    with pytest.raises(ValueError, match=r"layers must be in 1\.\.3"):
+        truncate_layers(model, layers)
+    assert len(model.encoder.layer) == 4, "a refused truncation leaves the model whole"
+
+
+def test_truncation_refuses_architectures_that_are_not_bert_like() -> None:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(
+        vocab_size=64, dim=16, n_layers=3, n_heads=2, hidden_dim=32, max_position_embeddings=32
+    )
+    with pytest.raises(ValueError, match="cannot truncate a DistilBertModel"):
+        truncate_layers(DistilBertModel(config), 1)
+
+
+def test_check_layers_accepts_exactly_the_depths_that_cut_something() -> None:
+    for layers in (1, 5):
+        check_layers(layers, 6)
+    for layers in (0, 6, 7):
+        with pytest.raises(ValueError, match="6-layer"):
+            check_layers(layers, 6)
+
+
+def test_a_truncated_cross_encoder_saves_and_loads_with_its_new_depth(tmp_path: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(build_untrained_cross_encoder(tmp_path / "stand-in")), device="cpu")
+    truncate_layers(model.transformers_model, 2)
+    pairs = [("how do volcanoes erupt", "Magma rises through the crust."), ("x", "y")]
+    in_memory = model.predict(pairs, convert_to_numpy=True)
+    model.save_pretrained(str(tmp_path / "student"))
+
+    loaded = CrossEncoder(str(tmp_path / "student"), device="cpu")
+    assert len(loaded.transformers_model.encoder.layer) == 2
+    assert loaded.transformers_model.config.num_hidden_layers == 2
+    assert loaded.predict(pairs, convert_to_numpy=True) == pytest.approx(in_memory, abs=1e-5)
+    assert is_cross_encoder(str(tmp_path / "student")), "its dense head is kept, not replaced"
+    assert not is_cross_encoder(resolve_model_source(DEFAULT_EMBEDDING_MODEL))
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (TrainOptions(layers=6), r"layers must be in 1\.\.5"),
+        (TrainOptions(teacher=DEFAULT_EMBEDDING_MODEL, layers=2), "not a cross-encoder"),
+        (TrainOptions(teacher="any-cross-encoder"), "needs the student's depth"),
+    ],
+)
+def test_train_reranker_refuses_a_bad_start_before_reading_or_mining(
+    options: TrainOptions, refusal: str, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-dataset"
+    with pytest.raises(ValueError, match=refusal):
+        train_reranker(
+            "http://127.0.0.1:9",  # nothing listens: mining would fail differently
+            "index",
+            missing,
+            missing / "qrels.tsv",
+            DEFAULT_EMBEDDING_MODEL,
+            tmp_path / "out",
+            options,
+            "sidecar train-reranker",
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_distilled_models_card_sets_its_quality_and_speed_beside_the_teachers(
+    tmp_path: Path,
+) -> None:
+    report = TrainingReport(
+        base="teacher-model",
+        out_dir=tmp_path,
+        train_examples=54,
+        train_queries=9,
+        validation_queries=3,
+        epochs=3,
+        learning_rate=2e-5,
+        layers=2,
+        ndcg10_before=0.5,
+        ndcg10_after=0.6,
+        seconds=12.0,
+        device="cpu",
+        precision="fp32",
+        model_bytes=1000,
+        distillation=Distillation(
+            teacher="teacher-model",
+            teacher_layers=6,
+            teacher_scored_pairs=45,
+            teacher_ndcg10=0.7,
+            teacher_pairs_per_s=50.0,
+            student_pairs_per_s=125.0,
+            throughput_pairs=24,
+            throughput_batch_size=8,
+            throughput_dtype="float32",
+        ),
+    )
+    text = write_model_card(report, "sidecar train-reranker --teacher t", "toy").read_text()
+    assert text.startswith("# Cross-encoder reranker distilled from teacher-model")
+    assert "| teacher | `teacher-model`, 6 layers |" in text
+    assert "| transformer layers | 2 (the teacher's first 2," in text
+    assert "| training triples (query, relevant, negative) | 54 |" in text
+    assert "| validation nDCG@10: teacher / student | 0.7000 / 0.6000 |" in text
+    assert (
+        "| pairs/s on the 24 validation pairs, batches of 8, cpu float32: teacher / student | "
+        "50.0 / 125.0 (2.50x) |"
+    ) in text
+    assert "training pairs" not in text
 
 
 TOPICS = {
@@ -194,12 +394,7 @@ def train_tiny(task: TinyTask, out: Path, **options: Any) -> TrainingReport:
         task.train,
         task.validation,
         out,
-        epochs=1,
-        batch_size=8,
-        max_length=64,
-        device="cpu",
-        progress=False,
-        **options,
+        FitOptions(batch_size=8, max_length=64, device="cpu", progress=False, **options),
     )
 
 
@@ -210,7 +405,7 @@ def test_tiny_training_run_writes_a_loadable_reranker_and_a_card(
 
     report = train_tiny(tiny_task, out)
 
-    assert report.train_pairs == len(tiny_task.train) == 4 * 6
+    assert report.train_examples == len(tiny_task.train) == 4 * 6
     assert report.train_queries == len(tiny_task.train_ids) == 4
     assert report.validation_queries == 2
     assert 0.0 <= report.ndcg10_before <= 1.0
@@ -290,7 +485,7 @@ def test_the_base_decides_whether_a_head_is_added(tmp_path: Path) -> None:
 
 
 def test_a_base_that_cannot_be_loaded_is_a_clear_error(tiny_task: TinyTask, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="cannot load the base model"):
+    with pytest.raises(ValueError, match="cannot load the model"):
         train_cross_encoder(
             str(tmp_path / "no-such-model"), tiny_task.train, tiny_task.validation, tmp_path / "out"
         )

@@ -3,6 +3,7 @@
 One native request per query with rerank off and `explain` returns each retriever's own list and
 the fused candidates, so the BM25, k-NN and hybrid runs all come from it; a second request with
 rerank on gives hybrid+rerank. Metrics are trec_eval's own (pytrec_eval), not re-implemented.
+The sweeps repeat runs at other candidate depths, fusions, or rerank depths.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ MODES = ("bm25", "knn", "hybrid", "hybrid+rerank")
 _MEASURES = {"ndcg_cut.10", "recall.100"}
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
+# The knee of the rerank depth sweep: the shallowest depth with this share of the largest gain.
+KNEE_SHARE = 0.9
 
 
 class EvalError(RuntimeError):
@@ -88,6 +91,11 @@ def per_query_metrics(qrels: Qrels, run: Run) -> dict[str, dict[str, float]]:
         }
         for q in judged
     }
+
+
+def per_query_ndcg(qrels: Qrels, run: Run) -> dict[str, float]:
+    """nDCG@10 of each query with a relevant judgment: the unit `paired_gain` compares."""
+    return {q: metrics["ndcg@10"] for q, metrics in per_query_metrics(qrels, run).items()}
 
 
 def paired_gain(baseline: Mapping[str, float], treated: Mapping[str, float]) -> dict[str, Any]:
@@ -173,9 +181,12 @@ def collect_runs(
     candidates: int,
     fusion: str = "convex",
     weights: tuple[float, float] | None = None,
+    rerank_depth: int | None = None,
     progress: bool = True,
     label: str = "eval",
 ) -> ModeRuns:
+    """Each query's ranking in each of `modes`, sent through the sidecar; the rerank request
+    reranks only the first `rerank_depth` candidates (None: the sidecar's default)."""
     collected = ModeRuns()
     first_stage_modes = {"bm25", "knn", "hybrid"} & set(modes)
     for query_id, text in tqdm(queries.items(), desc=label, unit="query", disable=not progress):
@@ -199,7 +210,10 @@ def collect_runs(
             _add_timings(collected.timings_ms, "first_stage", answer["timings_ms"])
         if "hybrid+rerank" in modes:
             # Scored afresh: the rerank cost reported must not depend on earlier runs.
-            answer = search(sidecar_url, body | {"rerank": True, "rerank_cache": False})
+            rerank_body = body | {"rerank": True, "rerank_cache": False}
+            if rerank_depth is not None:
+                rerank_body["rerank_depth"] = rerank_depth
+            answer = search(sidecar_url, rerank_body)
             hits = answer["hits"]
             collected.runs["hybrid+rerank"][query_id] = _by_position(hit["id"] for hit in hits)
             collected.candidates.setdefault(query_id, {hit["id"] for hit in hits})
@@ -284,6 +298,7 @@ class EvalOptions:
     fusion: str = "convex"
     sweep_candidates: Sequence[int] = ()
     sweep_fusions: Sequence[tuple[str, tuple[float, float] | None]] = ()
+    sweep_rerank_depths: Sequence[int] = ()
     limit: int | None = None
     progress: bool = True
 
@@ -313,10 +328,7 @@ def run_evaluation(
         "quality": {mode: evaluate_run(scoped, collected.runs[mode]) for mode in options.modes},
         "latency_ms": latency_summary(collected.timings_ms),
     }
-    per_query = {
-        mode: {q: m["ndcg@10"] for q, m in per_query_metrics(scoped, collected.runs[mode]).items()}
-        for mode in options.modes
-    }
+    per_query = {mode: per_query_ndcg(scoped, collected.runs[mode]) for mode in options.modes}
     report["per_query_ndcg@10"] = per_query
     if {"hybrid", "hybrid+rerank"} <= set(options.modes):
         report["rerank_gain"] = paired_gain(per_query["hybrid"], per_query["hybrid+rerank"])
@@ -344,6 +356,25 @@ def run_evaluation(
         )
         report["sweep_fusion"].append(
             {"fusion": fusion, "weights": weights, **evaluate_run(scoped, runs.runs["hybrid"])}
+        )
+    if options.sweep_rerank_depths:
+        hybrid = (
+            collected.runs["hybrid"]
+            if "hybrid" in options.modes
+            else collect_runs(
+                sidecar_url,
+                index,
+                chosen,
+                modes=("hybrid",),
+                k=options.k,
+                candidates=options.candidates,
+                fusion=options.fusion,
+                progress=options.progress,
+                label="hybrid",
+            ).runs["hybrid"]
+        )
+        report["sweep_rerank_depth"] = sweep_rerank_depth(
+            sidecar_url, index, scoped, chosen, hybrid, options
         )
     return report
 
@@ -376,6 +407,84 @@ def _depth_point(
         "pairs_per_query": statistics.fmean(runs.pairs_scored) if runs.pairs_scored else 0.0,
         "rerank_ms_p50": statistics.median(rerank_ms),
     }
+
+
+def sweep_rerank_depth(
+    sidecar_url: str,
+    index: str,
+    qrels: Qrels,
+    queries: Mapping[str, str],
+    hybrid: Run,
+    options: EvalOptions,
+) -> dict[str, Any]:
+    """Quality and rerank cost with only the first m candidates reranked, for each m in
+    `options.sweep_rerank_depths`, from m = 0 (the `hybrid` run, no rerank, cost 0) on; each
+    point's nDCG@10 gain over hybrid is paired per query, and the knee (`knee_depth`) is marked.
+    The score cache is bypassed, so the cost is the model's."""
+    baseline = per_query_ndcg(qrels, hybrid)
+    points = [_rerank_depth_point(0, qrels, hybrid, baseline, pairs_scored=[], rerank_ms=[])]
+    for depth in sorted(set(options.sweep_rerank_depths)):
+        runs = collect_runs(
+            sidecar_url,
+            index,
+            queries,
+            modes=("hybrid+rerank",),
+            k=options.k,
+            candidates=options.candidates,
+            fusion=options.fusion,
+            rerank_depth=depth,
+            progress=options.progress,
+            label=f"rerank depth {depth}",
+        )
+        points.append(
+            _rerank_depth_point(
+                depth,
+                qrels,
+                runs.runs["hybrid+rerank"],
+                baseline,
+                pairs_scored=runs.pairs_scored,
+                rerank_ms=runs.timings_ms.get("rerank_request.rerank", []),
+            )
+        )
+    return {
+        "knee_share": KNEE_SHARE,
+        "knee": knee_depth({p["rerank_depth"]: p["gain"]["mean"] for p in points}),
+        "points": points,
+    }
+
+
+def _rerank_depth_point(
+    depth: int,
+    qrels: Qrels,
+    run: Run,
+    baseline: Mapping[str, float],
+    *,
+    pairs_scored: Sequence[int],
+    rerank_ms: list[float],
+) -> dict[str, Any]:
+    return {
+        "rerank_depth": depth,
+        **evaluate_run(qrels, run),
+        "gain": paired_gain(baseline, per_query_ndcg(qrels, run)),
+        "pairs_per_query": statistics.fmean(pairs_scored) if pairs_scored else 0.0,
+        "rerank_ms": (
+            latency_summary({"rerank": rerank_ms})["rerank"]
+            if rerank_ms
+            else dict.fromkeys(("p50", "p95", "mean"), 0.0)
+        ),
+    }
+
+
+def knee_depth(gains: Mapping[int, float], share: float = KNEE_SHARE) -> int | None:
+    """The smallest rerank depth whose mean nDCG@10 gain (`gains`: depth → gain over hybrid)
+    reaches `share` of the largest gain: deeper costs in proportion for ever less. None when no
+    depth gained."""
+    largest = max(gains.values(), default=0.0)
+    if largest <= 0:
+        return None
+    # Slack for float rounding, so a gain at exactly the share (0.09 of 0.1) counts.
+    threshold = share * largest * (1 - 1e-9)
+    return min(depth for depth, gain in gains.items() if gain >= threshold)
 
 
 def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
@@ -457,6 +566,39 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
         figure.savefig(out / "depth_sweep.png", dpi=120)
         plt.close(figure)
         written.append(out / "depth_sweep.png")
+
+    if "sweep_rerank_depth" in report:
+        sweep = report["sweep_rerank_depth"]
+        depths = [p["rerank_depth"] for p in sweep["points"]]
+        figure, axes = plt.subplots(figsize=(7, 4))
+        axes.plot(depths, [p["ndcg@10"] for p in sweep["points"]], marker="o", label="nDCG@10")
+        if sweep["knee"] is not None:
+            axes.axvline(
+                sweep["knee"], color="tab:red", linestyle=":", label=f"knee: {sweep['knee']}"
+            )
+        axes.set_xlabel("rerank depth (candidates reranked; 0: hybrid, no rerank)")
+        axes.set_ylabel("nDCG@10")
+        cost = axes.twinx()
+        cost.plot(
+            depths,
+            [p["rerank_ms"]["mean"] for p in sweep["points"]],
+            color="grey",
+            linestyle="--",
+            marker="s",
+            label="rerank ms (mean)",
+        )
+        cost.set_ylabel("rerank ms (mean)")
+        quality_handles, quality_labels = axes.get_legend_handles_labels()
+        cost_handles, cost_labels = cost.get_legend_handles_labels()
+        axes.legend(quality_handles + cost_handles, quality_labels + cost_labels, loc="lower right")
+        axes.set_title(
+            f"{report['index']}: nDCG@10 and rerank cost by depth "
+            f"({report['candidates']} candidates)"
+        )
+        figure.tight_layout()
+        figure.savefig(out / "depth_rerank_sweep.png", dpi=120)
+        plt.close(figure)
+        written.append(out / "depth_rerank_sweep.png")
     return written
 
 
@@ -536,4 +678,42 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             f"| {p['fusion']} | {p['weights'] or 'default'} | {p['ndcg@10']:.4f} | {p['recall@100']:.4f} | {p['mrr@10']:.4f} |"
             for p in report["sweep_fusion"]
         ]
+    if "sweep_rerank_depth" in report:
+        lines += ["", *format_rerank_depth_sweep(report["sweep_rerank_depth"])]
     return "\n".join(lines) + "\n"
+
+
+def format_rerank_depth_sweep(sweep: Mapping[str, Any]) -> list[str]:
+    """The rerank depth sweep as report.md lines: a table from m = 0 (hybrid) and the knee."""
+    points, knee = sweep["points"], sweep["knee"]
+    lines = [
+        "## Rerank depth sweep",
+        "",
+        "Only the first m candidates reranked (score cache bypassed), the rest in first-stage "
+        "order below them; m = 0 is hybrid. Gain: nDCG@10 over hybrid, paired per query, with "
+        "its 95% bootstrap CI.",
+        "",
+        "| m | nDCG@10 | gain (95% CI) | Recall@100 | MRR@10 | pairs/query "
+        "| rerank ms mean | p50 | p95 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        depth = p["rerank_depth"]
+        label = "0 (hybrid)" if depth == 0 else f"{depth} (knee)" if depth == knee else str(depth)
+        gain, cost = p["gain"], p["rerank_ms"]
+        lines.append(
+            f"| {label} | {p['ndcg@10']:.4f} | {gain['mean']:+.4f} ({gain['ci95'][0]:+.4f} to "
+            f"{gain['ci95'][1]:+.4f}) | {p['recall@100']:.4f} | {p['mrr@10']:.4f} | "
+            f"{p['pairs_per_query']:.1f} | {cost['mean']:.1f} | {cost['p50']:.1f} | "
+            f"{cost['p95']:.1f} |"
+        )
+    lines.append("")
+    if knee is None:
+        lines.append("No rerank depth gained nDCG@10 over hybrid: no knee.")
+    else:
+        best = max(points, key=lambda p: p["gain"]["mean"])
+        lines.append(
+            f"Knee: m = {knee}, the smallest depth whose gain reaches {sweep['knee_share']:.0%} "
+            f"of the largest ({best['gain']['mean']:+.4f}, at m = {best['rerank_depth']})."
+        )
+    return lines

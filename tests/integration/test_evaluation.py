@@ -4,13 +4,14 @@ through the real sidecar, with the BM25 figure cross-checked against OpenSearch 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 
 from sidecar.cli import main
 from sidecar.embedding import BiEncoder
-from sidecar.evaluation import evaluate_run
+from sidecar.evaluation import evaluate_run, knee_depth, search
 from sidecar.retrieval.queries import build_lexical_search
 from tests.integration.conftest import Cluster, profile_of
 from tests.integration.sidecar_server import RunningSidecar
@@ -117,5 +118,60 @@ def test_eval_loads_evaluates_and_writes_reports(
         assert "| hybrid+rerank |" in (out / "report.md").read_text()
         for plot in ("quality.png", "depth_sweep.png"):
             assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        opensearch.client.indices.delete(index=index, ignore_unavailable=True)
+
+
+def test_eval_sweeps_the_rerank_depth(
+    tiny_sidecar: RunningSidecar, opensearch: Cluster, dataset: Path, tmp_path: Path
+) -> None:
+    index, out = "test-eval-rerank-depth", tmp_path / "report"
+    try:
+        arguments = [
+            "eval",
+            "--dataset",
+            str(dataset),
+            "--index",
+            index,
+            "--url",
+            tiny_sidecar.url,
+            "--opensearch",
+            opensearch.url,
+            "--modes",
+            "hybrid",
+            "--candidates",
+            "5",
+            "--out",
+            str(out),
+            "--sweep-depth",
+            "3,1,8",
+        ]
+        assert main(arguments) == 0
+        report = json.loads((out / "report.json").read_text())
+        sweep = report["sweep_rerank_depth"]
+        points = sweep["points"]
+        assert [p["rerank_depth"] for p in points] == [0, 1, 3, 8], "sorted, from no rerank"
+        hybrid = points[0]
+        assert {name: hybrid[name] for name in report["quality"]["hybrid"]} == pytest.approx(
+            report["quality"]["hybrid"]
+        )
+        assert hybrid["gain"]["mean"] == 0.0
+        assert hybrid["pairs_per_query"] == 0.0
+        assert hybrid["rerank_ms"]["mean"] == 0.0
+
+        body = {"index": index, "k": 5, "candidates": 5, "fusion": "convex", "rerank": False}
+        read = [
+            search(tiny_sidecar.url, body | {"query": text})["candidates"]
+            for text in QUERIES.values()
+        ]
+        for point in points[1:]:
+            # No query scores more than min(m, candidates read), so equal means are equal per query.
+            expected = statistics.fmean(min(point["rerank_depth"], count) for count in read)
+            assert point["pairs_per_query"] == pytest.approx(expected)
+            assert point["rerank_ms"]["mean"] > 0.0
+            assert point["recall@100"] == pytest.approx(hybrid["recall@100"]), "reordered only"
+        assert sweep["knee"] == knee_depth({p["rerank_depth"]: p["gain"]["mean"] for p in points})
+        assert "## Rerank depth sweep" in (out / "report.md").read_text()
+        assert (out / "depth_rerank_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         opensearch.client.indices.delete(index=index, ignore_unavailable=True)

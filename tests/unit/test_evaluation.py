@@ -8,6 +8,8 @@ import pytest
 from sidecar.evaluation import (
     ModeRuns,
     evaluate_run,
+    format_rerank_depth_sweep,
+    knee_depth,
     paired_gain,
     per_query_metrics,
     provenance_table,
@@ -142,3 +144,57 @@ def test_recall_ceiling_says_where_relevant_documents_were_lost() -> None:
         "lost_by_first_stage": 1,
         "lost_by_rerank_cut": 1,
     }
+
+
+def test_knee_is_the_shallowest_depth_with_ninety_percent_of_the_largest_gain() -> None:
+    gains = {0: 0.0, 5: 0.05, 10: 0.091, 20: 0.1, 50: 0.095, 100: 0.08}
+    assert knee_depth(gains) == 10, "0.091 reaches 90% of 0.1; 0.05 does not"
+    assert knee_depth({0: 0.0, 5: 0.09, 10: 0.1}) == 5, "exactly 90% counts"
+    assert knee_depth(gains, share=1.0) == 20
+
+
+def test_no_knee_without_a_positive_gain() -> None:
+    assert knee_depth({0: 0.0, 5: -0.02, 10: -0.01}) is None
+    assert knee_depth({0: 0.0, 5: 0.0}) is None
+    assert knee_depth({}) is None
+
+
+def depth_point(
+    depth: int, ndcg: float, gain: float, pairs: float, mean_ms: float
+) -> dict[str, object]:
+    return {
+        "rerank_depth": depth,
+        "ndcg@10": ndcg,
+        "recall@100": 0.9,
+        "mrr@10": ndcg - 0.05,
+        "gain": {"mean": gain, "ci95": [gain - 0.01, gain + 0.01]},
+        "pairs_per_query": pairs,
+        "rerank_ms": {"mean": mean_ms, "p50": mean_ms - 1, "p95": mean_ms + 2},
+    }
+
+
+def test_rerank_depth_table_marks_hybrid_and_the_knee() -> None:
+    points = [
+        depth_point(0, 0.4, 0.0, 0.0, 0.0),
+        depth_point(5, 0.46, 0.06, 5.0, 12.0),
+        depth_point(10, 0.5, 0.1, 9.5, 23.25),
+    ]
+    lines = format_rerank_depth_sweep({"knee_share": 0.9, "knee": 10, "points": points})
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| m ")]
+    assert rows == [
+        "| 0 (hybrid) | 0.4000 | +0.0000 (-0.0100 to +0.0100) | 0.9000 | 0.3500 | 0.0 | 0.0 "
+        "| -1.0 | 2.0 |",
+        "| 5 | 0.4600 | +0.0600 (+0.0500 to +0.0700) | 0.9000 | 0.4100 | 5.0 | 12.0 | 11.0 | 14.0 |",
+        "| 10 (knee) | 0.5000 | +0.1000 (+0.0900 to +0.1100) | 0.9000 | 0.4500 | 9.5 | 23.2 "
+        "| 22.2 | 25.2 |",
+    ]
+    assert lines[-1] == (
+        "Knee: m = 10, the smallest depth whose gain reaches 90% of the largest (+0.1000, at m = 10)."
+    )
+
+
+def test_rerank_depth_table_says_when_nothing_gained() -> None:
+    points = [depth_point(0, 0.4, 0.0, 0.0, 0.0), depth_point(5, 0.3, -0.1, 5.0, 12.0)]
+    lines = format_rerank_depth_sweep({"knee_share": 0.9, "knee": None, "points": points})
+    assert "(knee)" not in "\n".join(lines)
+    assert lines[-1] == "No rerank depth gained nDCG@10 over hybrid: no knee."

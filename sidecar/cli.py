@@ -14,13 +14,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlparse
 
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import OpenSearchException
 
-from sidecar.config import DEFAULT_EMBEDDING_MODEL, Settings, SettingsError
+from sidecar.config import DEFAULT_EMBEDDING_MODEL, Settings, SettingsError, Truncation
 from sidecar.embedding import BiEncoder
 from sidecar.evaluation import MODES, EvalError
 from sidecar.indexing.corpus import CorpusError
@@ -34,6 +34,11 @@ from sidecar.retrieval.identity import basic_authorization
 from sidecar.training import HELDOUT_QRELS
 
 log = logging.getLogger("sidecar")
+
+# `--model-bench` sections: the reranker's own figures, and the stage-2 configuration grid.
+MODEL_SECTIONS = ("reranker", "grid")
+# Queries the grid times when no judgments name them.
+GRID_QUERIES = 20
 
 # Failures that the user can act on: printed as one line, exit code 1, no traceback.
 _USER_ERRORS: tuple[type[Exception], ...] = (
@@ -167,9 +172,29 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--once", action="store_true", help="send each query once, then stop")
     bench.add_argument(
         "--model-bench",
-        action="store_true",
-        help="also measure the reranker in-process: raw pairs/s, micro-batching vs naive predict, "
-        "warm vs cold cache, dtypes x depths x lengths (needs --corpus)",
+        nargs="?",
+        const=",".join(MODEL_SECTIONS),
+        metavar="SECTIONS",
+        help="also measure the reranker in-process (needs --corpus), these sections (default "
+        "both): `reranker` (raw pairs/s, micro-batching vs naive predict, warm vs cold cache, "
+        "dtypes x depths x lengths), `grid` (runtime x precision x truncation on the first "
+        "stage's real candidates from --url: p50 at depths 20/50/100, nDCG@10 with --qrels, "
+        "Pareto front)",
+    )
+    bench.add_argument(
+        "--qrels",
+        type=Path,
+        help="grid: judgments of held-out queries (e.g. the heldout-qrels.tsv train-reranker "
+        "writes); their queries are the grid's, and each configuration gets its nDCG@10",
+    )
+    bench.add_argument(
+        "--grid-truncations",
+        default="first:256,best_passage:128",
+        help="grid: truncation:tokens, comma-separated (tokens: the pair length for first and "
+        "max_chunk, the window for best_passage)",
+    )
+    bench.add_argument(
+        "--quality-depth", type=int, default=20, help="grid: candidates reranked for nDCG@10"
     )
     bench.add_argument(
         "--corpus", type=Path, help="BEIR corpus.jsonl for --model-bench and --bulk-docs documents"
@@ -242,6 +267,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--sweep-fusion",
         default="",
         help="e.g. convex,rrf,server,convex:0.3:0.7 (weights lexical:vector)",
+    )
+    evaluate.add_argument(
+        "--sweep-depth",
+        default="",
+        help="rerank depths, e.g. 5,10,20,50,100: only the first M of --candidates reranked, "
+        "against no rerank (M = 0); quality, gain and rerank cost per M, the knee marked",
     )
     _add_sidecar_and_loading_urls(evaluate)
     evaluate.add_argument("--out", type=Path, help="report folder (default: out/eval-INDEX)")
@@ -430,6 +461,57 @@ def _index_load(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _model_sections(value: str | None) -> set[str]:
+    sections = set(value.split(",")) if value else set()
+    unknown = sections - set(MODEL_SECTIONS)
+    if unknown:
+        raise ValueError(
+            f"--model-bench: unknown section(s) {', '.join(sorted(unknown))}; "
+            f"choose from {', '.join(MODEL_SECTIONS)}"
+        )
+    return sections
+
+
+def _stage2_grid(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from sidecar.bench import read_queries
+    from sidecar.evaluation import read_qrels
+    from sidecar.evaluation import read_queries as read_query_ids
+    from sidecar.model_bench import available_dtypes
+    from sidecar.stage2_grid import fetch_candidates, format_grid, grid, run_grid
+
+    if args.corpus is None:
+        raise ValueError("--model-bench grid needs --corpus (the texts of the candidates)")
+    truncations = []
+    for item in args.grid_truncations.split(","):
+        truncation, _, tokens = item.partition(":")
+        if truncation not in get_args(Truncation) or not tokens.isdigit():
+            raise ValueError(f"--grid-truncations: {item!r} is not truncation:tokens")
+        truncations.append((truncation, int(tokens)))
+    qrels = read_qrels(args.qrels) if args.qrels else None
+    queries = (
+        read_query_ids(args.queries, qrels)
+        if qrels
+        else {str(n): text for n, text in enumerate(read_queries(args.queries, GRID_QUERIES))}
+    )
+    candidates = fetch_candidates(
+        args.sidecar_url or _local_sidecar(settings), args.index, queries, args.corpus, 100
+    )
+    result = run_grid(
+        settings.reranker_model,
+        grid(available_dtypes("cpu"), truncations),
+        candidates,
+        quality_depth=args.quality_depth,
+        qrels=qrels,
+        normalization=settings.normalization,
+        alpha=settings.alpha,
+        max_batch_pairs=settings.rerank_max_batch_pairs,
+        overlap_tokens=settings.chunk_overlap_tokens,
+        cache_dir=settings.cache_dir,
+    )
+    print(format_grid(result))
+    return result
+
+
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.bench import benchmark, dump, print_table, read_queries
 
@@ -454,7 +536,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             compare_url=args.compare_url,
         )
         print_table(results["load"])
-    if args.model_bench:
+    sections = _model_sections(args.model_bench)
+    if "reranker" in sections:
         from sidecar.model_bench import format_model_report, read_beir_texts, run_model_benchmarks
 
         if args.corpus is None:
@@ -475,6 +558,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             candidates=args.candidates,
         )
         print(format_model_report(results["model"]))
+    if "grid" in sections:
+        results["grid"] = _stage2_grid(args, settings)
     if args.bulk_docs:
         from sidecar.bench import bulk_write_benchmark
 
@@ -533,6 +618,9 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     modes = [mode for mode in args.modes.split(",") if mode]
     if unknown := sorted(set(modes) - set(MODES)):
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    rerank_depths = [int(depth) for depth in args.sweep_depth.split(",") if depth]
+    if any(depth < 1 for depth in rerank_depths):
+        raise ValueError("--sweep-depth entries must be at least 1 (0, no rerank, is always swept)")
     qrels = read_qrels(args.dataset / args.qrels)
     queries = read_queries(args.dataset / "queries.jsonl", qrels)
     _ensure_index(settings, args.index, args.dataset / "corpus.jsonl")
@@ -543,6 +631,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         fusion=args.fusion,
         sweep_candidates=[int(d) for d in args.sweep_candidates.split(",") if d],
         sweep_fusions=[_fusion_point(spec) for spec in args.sweep_fusion.split(",") if spec],
+        sweep_rerank_depths=rerank_depths,
         limit=args.limit,
     )
     report = run_evaluation(

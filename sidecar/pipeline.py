@@ -26,7 +26,7 @@ from sidecar.retrieval.fusion import Candidate
 from sidecar.retrieval.opensearch import Upstream, UpstreamError
 from sidecar.retrieval.profiles import IndexProfile, check_filter, read_text
 from sidecar.retrieval.queries import Filter
-from sidecar.scoring import blend, minmax_first_stage, normalize_scores
+from sidecar.scoring import minmax_first_stage, rerank_order
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -385,17 +385,23 @@ class SearchPipeline:
                 )
             ]
         scored = [i for i, logit in enumerate(logits) if logit is not None]
-        final = blend(
-            normalize_scores([logits[i] or 0.0 for i in scored], self._settings.normalization),
+        order = rerank_order(
+            [logits[i] or 0.0 for i in scored],
             [first_stage[i] for i in scored],
+            self._settings.normalization,
             self._settings.alpha,
         )
         reranked = [
-            RankedHit(candidates[i], i + 1, logits[i], score, first_stage[i])
-            for i, score in zip(scored, final, strict=True)
+            RankedHit(
+                candidates[scored[j]],
+                scored[j] + 1,
+                logits[scored[j]],
+                score,
+                first_stage[scored[j]],
+            )
+            for j, score in order
         ]
-        reranked.sort(key=lambda hit: (-hit.score, hit.first_stage_rank))
-        lowest = min(final, default=1.0)
+        lowest = min((score for _, score in order), default=1.0)
         unscored = [i for i, logit in enumerate(logits) if logit is None]
         below_depth = [
             RankedHit(

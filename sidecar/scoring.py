@@ -72,6 +72,18 @@ def blend(
     return result
 
 
+def rerank_order(
+    logits: Sequence[float],
+    first_stage_normalized: Sequence[float],
+    normalization: Normalization,
+    alpha: float,
+) -> list[tuple[int, float]]:
+    """(position, final score) of every reranked candidate, best first: the logits normalized,
+    blended with the first-stage scores, ties kept in first-stage order. Raises as `blend`."""
+    final = blend(normalize_scores(logits, normalization), first_stage_normalized, alpha)
+    return sorted(enumerate(final), key=lambda item: (-item[1], item[0]))
+
+
 def _finite_array(scores: Sequence[float], what: str) -> FloatArray:
     values = np.asarray(scores, dtype=np.float64)
     non_finite = np.flatnonzero(~np.isfinite(values))

@@ -2,7 +2,13 @@ import math
 
 import pytest
 
-from sidecar.scoring import Normalization, blend, minmax_first_stage, normalize_scores
+from sidecar.scoring import (
+    Normalization,
+    blend,
+    minmax_first_stage,
+    normalize_scores,
+    rerank_order,
+)
 
 METHODS: tuple[Normalization, ...] = ("sigmoid", "minmax", "zscore")
 
@@ -105,3 +111,10 @@ def test_blend_requires_equal_lengths_and_finite_inputs() -> None:
     with pytest.raises(ValueError, match="first-stage score at index 1"):
         blend([0.5, 0.5], [0.5, math.nan], 0.5)
     assert blend([], [], 0.5) == []
+
+
+def test_rerank_order_sorts_by_blended_score_ties_in_first_stage_order() -> None:
+    order = rerank_order([0.0, 2.0, 0.0], [1.0, 0.0, 0.5], "minmax", 1.0)
+    assert [position for position, _ in order] == [1, 0, 2]
+    blended = rerank_order([0.0, 2.0], [1.0, 0.0], "minmax", 0.25)
+    assert blended == [(0, 0.75), (1, 0.25)]

@@ -86,3 +86,22 @@ def test_short_documents_are_one_pair_in_either_mode(fp32: CrossEncoderBackend) 
     (chunked,) = fp32.prepare(QUERY, ["a short text"], "max_chunk", 8)
     assert first == chunked
     assert len(first) == 1
+
+
+def test_best_passage_scores_the_one_window_that_holds_the_query(
+    tiny_cross_encoder: Path,
+) -> None:
+    backend = CrossEncoderBackend(
+        str(tiny_cross_encoder), device="cpu", dtype="float32", max_length=64
+    )
+    filler = " ".join(f"Sentence {n} is about nothing in particular." for n in range(30))
+    text = f"{filler} The volcano erupted lava and ash over the caldera. {filler}"
+    (chunks,) = backend.prepare("volcano lava caldera", [text], "max_chunk", 8)
+    (best,) = backend.prepare("volcano lava caldera", [text], "best_passage", 8)
+    assert len(chunks) > 3
+    assert len(best) == 1, "one pair per document, whatever its length"
+    assert "volcano erupted lava" in best[0].text
+    assert best[0] in chunks, "the chosen window is one of max_chunk's windows"
+    (short,) = backend.prepare("volcano lava caldera", [text], "best_passage", 8, 16)
+    assert short[0].token_length < best[0].token_length, "passage_tokens bounds the window"
+    assert "lava" in short[0].text

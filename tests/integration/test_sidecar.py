@@ -123,6 +123,51 @@ def test_final_order_is_the_cross_encoders_own_order(
     assert set(answer["timings_ms"]) == {"embed", "retrieve", "rerank", "normalize", "total"}
 
 
+def test_only_the_rerank_depth_is_reranked_and_the_rest_keep_first_stage_order(
+    sidecar: RunningSidecar, pydoc_index: str
+) -> None:
+    answer = search(
+        sidecar,
+        index=pydoc_index,
+        query=QUERY,
+        k=20,
+        candidates=20,
+        rerank_depth=5,
+        rerank_cache=False,
+    )
+    assert answer["rerank"]["pairs_scored"] == 5
+    assert answer["rerank"]["below_depth"] == 15
+    top, rest = answer["hits"][:5], answer["hits"][5:]
+    assert sorted(h["first_stage"]["rank"] for h in top) == [1, 2, 3, 4, 5]
+    assert all(h["rerank_score"] is not None and "below_depth" not in h for h in top)
+    assert [h["first_stage"]["rank"] for h in rest] == list(range(6, 21))
+    assert all(h["below_depth"] is True and h["rerank_score"] is None for h in rest)
+    scores = [h["score"] for h in answer["hits"]]
+    assert scores == sorted(scores, reverse=True), "scores never increase down the list"
+
+
+def test_intercepted_search_takes_rerank_depth_and_truncation(
+    sidecar: RunningSidecar, pydoc_index: str
+) -> None:
+    rerank = {"query_context": {"query_text": QUERY}, "window": 10, "rerank_depth": 3}
+    body = {"query": {"match": {"text": "exception"}}, "size": 10, "ext": {"rerank": rerank}}
+    status, answer, _ = post(f"{sidecar.url}/{pydoc_index}/_search", body)
+    assert status == 200, answer
+    hits = answer["hits"]["hits"]
+    assert sorted(h["_rerank"]["first_stage_rank"] for h in hits[:3]) == [1, 2, 3]
+    assert [h["_rerank"]["first_stage_rank"] for h in hits[3:]] == list(range(4, 11))
+    assert all(h["_rerank"]["below_depth"] is True for h in hits[3:])
+    assert answer["ext"]["rerank"]["below_depth"] == 7
+    rerank.update(truncation="best_passage", rerank_depth=10)
+    status, answer, _ = post(f"{sidecar.url}/{pydoc_index}/_search", body)
+    assert status == 200, answer
+    assert answer["ext"]["rerank"]["below_depth"] == 0
+    rerank["truncation"] = "last"
+    status, answer, _ = post(f"{sidecar.url}/{pydoc_index}/_search", body)
+    assert status == 400
+    assert "[ext.rerank.truncation] must be one of" in answer["error"]["reason"]
+
+
 def test_repeated_request_is_served_from_the_score_cache(
     sidecar: RunningSidecar, pydoc_index: str
 ) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.indexing.sample import sample_documents
+from sidecar.indexing.sample import sample_documents, write_sample_corpus
 from sidecar.model_bench import (
     SECTIONS,
     available_dtypes,
@@ -20,6 +20,8 @@ from sidecar.model_bench import (
     read_beir_texts,
     run_model_benchmarks,
 )
+from sidecar.stage2_grid import Stage2Config, fetch_candidates, format_grid, run_grid
+from tests.integration.sidecar_server import RunningSidecar
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +160,43 @@ def test_beir_texts_are_read_in_file_order(tmp_path: Path) -> None:
         ["First one"],
         ["a question"],
     )
+
+
+def test_the_stage2_grid_reranks_the_same_candidates_in_every_configuration(
+    tiny_sidecar: RunningSidecar, tiny_cross_encoder: Path, pydoc_index: str, tmp_path: Path
+) -> None:
+    corpus = tmp_path / "pydoc.jsonl"
+    write_sample_corpus(corpus)
+    queries = {str(n): query for n, query in enumerate(QUERIES)}
+    candidates = fetch_candidates(tiny_sidecar.url, pydoc_index, queries, corpus, 12)
+    assert all(len(c.ids) == 12 and all(c.texts) for c in candidates)
+    # Judge each query's 8th first-stage hit relevant: reranking has room to move it.
+    qrels = {c.query_id: {c.ids[7]: 1} for c in candidates}
+    configs = [
+        Stage2Config("torch", "float32", "first", 64),
+        Stage2Config("onnx", "float32", "first", 64),
+        Stage2Config("onnx", "int8-dynamic", "best_passage", 32),
+    ]
+    result = run_grid(
+        str(tiny_cross_encoder),
+        configs,
+        candidates,
+        depths=(4, 12),
+        quality_depth=10,
+        qrels=qrels,
+        cache_dir=tmp_path / "exports",
+        progress=False,
+    )
+    rows = {row["config"]: row for row in result["rows"]}
+    assert list(rows) == [config.name for config in configs]
+    for row in rows.values():
+        assert set(row["p50_ms"]) == {"4", "12"}
+        assert row["pairs_per_s"] > 0
+        assert 0.0 <= row["ndcg@10"] <= 1.0
+    torch_fp32, onnx_fp32 = rows["torch float32 first@64"], rows["onnx float32 first@64"]
+    assert torch_fp32["change_vs_baseline"]["mean"] == 0.0
+    assert onnx_fp32["ndcg@10"] == pytest.approx(torch_fp32["ndcg@10"]), "same scores, same order"
+    assert any(row["pareto"] for row in rows.values())
+    assert result["first_stage_ndcg@10"] == pytest.approx(1 / math.log2(9))
+    table = format_grid(result)
+    assert table.count("\n| ") == len(configs), "a row per configuration under the header"

@@ -105,12 +105,7 @@ class CrossEncoderBackend:
 
         self.model_name = model
         self.device = select_device(device)
-        self.runtime = select_runtime(runtime, self.device)
-        if quantization != "none" and self.runtime == "torch":
-            raise ValueError(
-                "int8 quantization (SIDECAR_RERANKER_QUANTIZATION) needs the onnx or openvino "
-                "backend"
-            )
+        self.runtime = select_runtime(runtime, self.device, quantization)
         torch_dtype = select_dtype(dtype, self.device) if self.runtime == "torch" else torch.float32
         source = resolve_model_source(model)
         self._model = CrossEncoder(

@@ -24,7 +24,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sidecar.config import Quantization, RerankRuntime
-from sidecar.device import read_cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +56,30 @@ def available_runtimes() -> list[RerankRuntime]:
     return found
 
 
-def select_runtime(
-    requested: RerankRuntime, device: str, cpu_flags: frozenset[str] | None = None
-) -> str:
-    """`auto`: torch on CUDA (its fp16/bf16 kernels are the fast path there); on a CPU with AMX
-    tiles torch in bf16; on any other CPU ONNX Runtime when installed, else torch. The rule
-    follows `sidecar bench --model-bench` on the machines README lists.
+def select_runtime(requested: RerankRuntime, device: str, quantization: Quantization) -> str:
+    """`auto`: torch at full precision (on CPUs it was as fast as or faster than either export at
+    fp32 in `sidecar bench --model-bench grid`, and it has the bf16 and CUDA paths); ONNX
+    Runtime when int8 is asked for (torch has no int8 path here).
 
-    Raises ValueError when the requested runtime's packages are not installed, or when an ONNX
-    runtime is asked to run on CUDA (exports run on CPU only here)."""
+    Raises ValueError when the runtime's packages are not installed, when an export is asked to
+    run on CUDA (exports run on CPU), or int8 on torch."""
     installed = available_runtimes()
+    runtime = requested
     if requested == "auto":
-        if device.startswith("cuda"):
-            return "torch"
-        flags = read_cpu_flags() if cpu_flags is None else cpu_flags
-        if "amx_bf16" in flags or "onnx" not in installed:
-            return "torch"
-        return "onnx"
-    if requested not in installed:
-        extra = "onnx" if requested == "onnx" else "openvino"
+        runtime = "torch" if quantization == "none" else "onnx"
+    if runtime not in installed:
+        extra = "onnx" if runtime == "onnx" else "openvino"
         raise ValueError(
-            f"SIDECAR_RERANKER_BACKEND={requested} needs the `{extra}` extra "
+            f"SIDECAR_RERANKER_BACKEND={runtime} needs the `{extra}` extra "
             f"(pip install 'opensearch-rerank-sidecar[{extra}]')"
         )
-    if requested != "torch" and device.startswith("cuda"):
-        raise ValueError(f"SIDECAR_RERANKER_BACKEND={requested} runs on CPU; use torch on {device}")
-    return requested
+    if runtime != "torch" and device.startswith("cuda"):
+        raise ValueError(f"SIDECAR_RERANKER_BACKEND={runtime} runs on CPU; use torch on {device}")
+    if quantization != "none" and runtime == "torch":
+        raise ValueError(
+            "int8 quantization (SIDECAR_RERANKER_QUANTIZATION) needs the onnx or openvino backend"
+        )
+    return runtime
 
 
 def export_key(

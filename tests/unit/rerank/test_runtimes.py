@@ -4,42 +4,40 @@ from __future__ import annotations
 
 import pytest
 
+from sidecar.config import Quantization, RerankRuntime
 from sidecar.rerank.runtimes import available_runtimes, export_key, select_runtime
-
-AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
-AVX512_BF16 = frozenset({"avx512f", "avx512_bf16"})
-PLAIN = frozenset({"avx2"})
 
 
 def test_the_test_environment_has_every_runtime() -> None:
     assert available_runtimes() == ["torch", "onnx", "openvino"]
 
 
-@pytest.mark.parametrize(
-    ("device", "flags", "expected"),
-    [
-        ("cuda", PLAIN, "torch"),
-        ("cuda:1", AMX, "torch"),
-        ("cpu", AMX, "torch"),
-        ("cpu", AVX512_BF16, "onnx"),
-        ("cpu", PLAIN, "onnx"),
-    ],
-)
-def test_auto_picks_by_device_and_cpu_units(
-    device: str, flags: frozenset[str], expected: str
-) -> None:
-    assert select_runtime("auto", device, flags) == expected
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
+def test_auto_is_torch_at_full_precision(device: str) -> None:
+    assert select_runtime("auto", device, "none") == "torch"
+
+
+@pytest.mark.parametrize("quantization", ["dynamic", "static"])
+def test_auto_is_onnx_runtime_for_int8(quantization: Quantization) -> None:
+    assert select_runtime("auto", "cpu", quantization) == "onnx"
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnx", "openvino"])
-def test_an_explicit_runtime_is_kept_on_cpu(runtime: str) -> None:
-    assert select_runtime(runtime, "cpu", PLAIN) == runtime  # type: ignore[arg-type]
+def test_an_explicit_runtime_is_kept_on_cpu(runtime: RerankRuntime) -> None:
+    assert select_runtime(runtime, "cpu", "none") == runtime
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
-def test_exports_are_refused_on_cuda(runtime: str) -> None:
+def test_exports_are_refused_on_cuda(runtime: RerankRuntime) -> None:
     with pytest.raises(ValueError, match="runs on CPU; use torch on cuda"):
-        select_runtime(runtime, "cuda", PLAIN)  # type: ignore[arg-type]
+        select_runtime(runtime, "cuda", "none")
+    with pytest.raises(ValueError, match="runs on CPU"):
+        select_runtime("auto", "cuda", "dynamic")
+
+
+def test_int8_on_torch_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs the onnx or openvino backend"):
+        select_runtime("torch", "cpu", "dynamic")
 
 
 def test_the_export_key_follows_model_quantization_and_calibration() -> None:

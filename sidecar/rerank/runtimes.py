@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sidecar.config import Quantization, RerankRuntime
+from sidecar.device import read_cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,31 @@ def available_runtimes() -> list[RerankRuntime]:
     return found
 
 
-def select_runtime(requested: RerankRuntime, device: str, quantization: Quantization) -> str:
-    """`auto`: torch at full precision (on CPUs it was as fast as or faster than either export at
-    fp32 in `sidecar bench --model-bench grid`, and it has the bf16 and CUDA paths); ONNX
-    Runtime when int8 is asked for (torch has no int8 path here).
+def select_runtime(
+    requested: RerankRuntime,
+    device: str,
+    quantization: Quantization,
+    cpu_flags: frozenset[str] | None = None,
+) -> str:
+    """`auto`, by `sidecar bench --model-bench grid` (README "Stage 2 speed"): torch on CUDA and
+    on CPUs with AMX tiles (its fp16 / bf16 paths); on other CPUs OpenVINO when installed (fp32
+    1.2x torch's pairs/s, same scores), else torch; for int8, ONNX Runtime for `dynamic` (the
+    one int8 on the front) and OpenVINO, else ONNX Runtime, for `static`.
 
     Raises ValueError when the runtime's packages are not installed, when an export is asked to
     run on CUDA (exports run on CPU), or int8 on torch."""
     installed = available_runtimes()
     runtime = requested
     if requested == "auto":
-        runtime = "torch" if quantization == "none" else "onnx"
+        flags = read_cpu_flags() if cpu_flags is None else cpu_flags
+        if quantization == "dynamic":
+            runtime = "onnx"
+        elif quantization == "static":
+            runtime = "openvino" if "openvino" in installed else "onnx"
+        elif device.startswith("cuda") or "amx_bf16" in flags or "openvino" not in installed:
+            runtime = "torch"
+        else:
+            runtime = "openvino"
     if runtime not in installed:
         extra = "onnx" if runtime == "onnx" else "openvino"
         raise ValueError(

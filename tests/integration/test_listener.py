@@ -169,6 +169,8 @@ def served(
         "SIDECAR_RERANKER_DTYPE": "float32",
         "SIDECAR_RERANKER_MAX_LENGTH": "128",
         "SIDECAR_REQUEST_TIMEOUT_S": "120",
+        # The default runtime (auto: OpenVINO on a CPU without AMX) exports the model here.
+        "SIDECAR_CACHE_DIR": str(tmp_path / "cache"),
     }
     log = tmp_path / "serve.log"
     with log.open("wb") as output:

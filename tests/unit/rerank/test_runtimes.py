@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.config import Quantization, RerankRuntime
+from sidecar.config import RerankRuntime
 from sidecar.rerank.runtimes import available_runtimes, export_key, select_runtime
 
 
@@ -12,14 +12,28 @@ def test_the_test_environment_has_every_runtime() -> None:
     assert available_runtimes() == ["torch", "onnx", "openvino"]
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
-def test_auto_is_torch_at_full_precision(device: str) -> None:
-    assert select_runtime("auto", device, "none") == "torch"
+AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
+PLAIN = frozenset({"avx2"})
 
 
-@pytest.mark.parametrize("quantization", ["dynamic", "static"])
-def test_auto_is_onnx_runtime_for_int8(quantization: Quantization) -> None:
-    assert select_runtime("auto", "cpu", quantization) == "onnx"
+@pytest.mark.parametrize(
+    ("device", "flags", "expected"),
+    [
+        ("cuda", PLAIN, "torch"),
+        ("cuda:1", AMX, "torch"),
+        ("cpu", AMX, "torch"),
+        ("cpu", PLAIN, "openvino"),
+    ],
+)
+def test_auto_at_full_precision_by_device_and_cpu_units(
+    device: str, flags: frozenset[str], expected: str
+) -> None:
+    assert select_runtime("auto", device, "none", flags) == expected
+
+
+def test_auto_int8_is_onnx_runtime_dynamic_and_openvino_static() -> None:
+    assert select_runtime("auto", "cpu", "dynamic", PLAIN) == "onnx"
+    assert select_runtime("auto", "cpu", "static", AMX) == "openvino"
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnx", "openvino"])
@@ -32,7 +46,7 @@ def test_exports_are_refused_on_cuda(runtime: RerankRuntime) -> None:
     with pytest.raises(ValueError, match="runs on CPU; use torch on cuda"):
         select_runtime(runtime, "cuda", "none")
     with pytest.raises(ValueError, match="runs on CPU"):
-        select_runtime("auto", "cuda", "dynamic")
+        select_runtime("auto", "cuda", "dynamic", PLAIN)
 
 
 def test_int8_on_torch_is_refused() -> None:

@@ -240,6 +240,7 @@ def test_slow_model_fails_open_to_the_first_stage_order_or_closed_with_503(
             "fail_open": True,
             "reason": "deadline",
             "empty_text": 0,
+            "below_depth": 0,
         }
         assert [h["first_stage"]["rank"] for h in answer["hits"]] == [1, 2, 3, 4, 5]
         assert all(h["rerank_score"] is None for h in answer["hits"])

@@ -8,6 +8,8 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -24,6 +26,7 @@ from sidecar.pipeline import SearchPipeline
 from sidecar.rerank.backend import CrossEncoderBackend, RerankBackend, hub_model_available
 from sidecar.rerank.batcher import BatchLimits, MicroBatcher
 from sidecar.rerank.cache import ScoreCache
+from sidecar.rerank.final_scorer import LearnedScorer, ServingFileError, read_serving
 from sidecar.rerank.reranker import Reranker
 from sidecar.rerank.runtimes import calibration_pairs
 from sidecar.retrieval.discovery import ProfileResolver
@@ -52,6 +55,7 @@ def create_app(
     benchmarks); otherwise both are loaded, and the cross-encoder warmed up, before serving.
     Bi-encoders that index profiles name are loaded too, and every profile configured for an
     existing index is checked against its mapping (SettingsError when they disagree)."""
+    settings, final_scorer = model_serving(settings)
     app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
     metrics_registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(metrics_registry)
@@ -133,7 +137,14 @@ def create_app(
             app[SERVICES] = Services(
                 settings=settings,
                 pipeline=SearchPipeline(
-                    settings, encoders, profiles, upstream, reranker, embed_executor, metrics
+                    settings,
+                    encoders,
+                    profiles,
+                    upstream,
+                    reranker,
+                    embed_executor,
+                    metrics,
+                    final_scorer,
                 ),
                 writes=WritePath(profiles, encoders, embed_executor, metrics),
                 upstream=upstream,
@@ -259,6 +270,33 @@ def _load_encoder(settings: Settings, model: str) -> BiEncoder:
         dtype=settings.embedding_dtype,
         batch_size=settings.embedding_batch_size,
     )
+
+
+def model_serving(settings: Settings) -> tuple[Settings, LearnedScorer | None]:
+    """The settings with the reranker's recorded serving choices applied where the operator made
+    none (its rerank depth), and its learned final scorer unless `final_scorer` is `blend`.
+
+    Only a local model folder can carry serving.json. Raises SettingsError for one this sidecar
+    cannot read (another version, a scorer over other features).
+    """
+    folder = Path(settings.reranker_model)
+    try:
+        serving = read_serving(folder) if folder.is_dir() else None
+    except ServingFileError as error:
+        raise SettingsError(f"reranker: {error}") from None
+    if serving is None:
+        return settings, None
+    if settings.rerank_depth is None and serving.rerank_depth is not None:
+        settings = replace(settings, rerank_depth=serving.rerank_depth)
+    scorer = serving.final_scorer if settings.final_scorer == "auto" else None
+    log.info(
+        "reranker serving choices",
+        extra={
+            "rerank_depth": settings.rerank_depth,
+            "final_scorer": "learned" if scorer is not None else f"blend alpha {settings.alpha:g}",
+        },
+    )
+    return settings, scorer
 
 
 def load_cross_encoder(settings: Settings) -> CrossEncoderBackend:

@@ -14,24 +14,21 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 from urllib.parse import urlparse
 
-from opensearchpy import OpenSearch
-from opensearchpy.exceptions import OpenSearchException
-
-from sidecar.config import DEFAULT_EMBEDDING_MODEL, Settings, SettingsError, Truncation
-from sidecar.embedding import BiEncoder
-from sidecar.evaluation import MODES, EvalError
-from sidecar.indexing.corpus import CorpusError
-from sidecar.indexing.loader import LoadError, load_corpus
-from sidecar.indexing.templates import IndexLayoutError, VectorOptions, create_index
-from sidecar.local_opensearch.artifacts import DownloadError
-from sidecar.local_opensearch.java import JavaError
-from sidecar.local_opensearch.node import LocalNode, NodeError, NodeStatus
-from sidecar.provenance import ProvenanceError
+# Only light modules here: torch, sentence-transformers, scipy and opensearch-py are imported by
+# the handlers that need them, so that commands without a model start at once.
+from sidecar.config import DEFAULT_EMBEDDING_MODEL, Settings, Truncation
+from sidecar.evaluation import MODES
+from sidecar.local_opensearch.node import LocalNode, NodeStatus
 from sidecar.retrieval.identity import basic_authorization
 from sidecar.training import HELDOUT_QRELS
+
+if TYPE_CHECKING:
+    from opensearchpy import OpenSearch
+
+    from sidecar.indexing.templates import VectorOptions
 
 log = logging.getLogger("sidecar")
 
@@ -39,22 +36,39 @@ log = logging.getLogger("sidecar")
 MODEL_SECTIONS = ("reranker", "grid")
 # Queries the grid times when no judgments name them.
 GRID_QUERIES = 20
+# The rerank depths `train-reranker` suggests evaluating a new model at (as its card reports).
+_DEPTH_SWEEP = "20,50,100"
 
-# Failures that the user can act on: printed as one line, exit code 1, no traceback.
-_USER_ERRORS: tuple[type[Exception], ...] = (
-    SettingsError,
-    DownloadError,
-    JavaError,
-    NodeError,
-    CorpusError,
-    LoadError,
-    IndexLayoutError,
-    OpenSearchException,
-    ProvenanceError,
-    EvalError,
-    ValueError,
-    FileNotFoundError,
-)
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Failures that the user can act on: printed as one line, exit code 1, no traceback.
+    Imported only once a command has failed (opensearch-py alone takes half a second)."""
+    from opensearchpy.exceptions import OpenSearchException
+
+    from sidecar.config import SettingsError
+    from sidecar.evaluation import EvalError
+    from sidecar.indexing.corpus import CorpusError
+    from sidecar.indexing.loader import LoadError
+    from sidecar.indexing.templates import IndexLayoutError
+    from sidecar.local_opensearch.artifacts import DownloadError
+    from sidecar.local_opensearch.java import JavaError
+    from sidecar.local_opensearch.node import NodeError
+    from sidecar.provenance import ProvenanceError
+
+    return (
+        SettingsError,
+        DownloadError,
+        JavaError,
+        NodeError,
+        CorpusError,
+        LoadError,
+        IndexLayoutError,
+        OpenSearchException,
+        ProvenanceError,
+        EvalError,
+        ValueError,
+        FileNotFoundError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = dataclasses.replace(settings, local_node=node)
         result: int = args.handler(args, settings)
         return result
-    except _USER_ERRORS as error:
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 1
 
@@ -89,11 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the sidecar (configured by SIDECAR_* variables)")
     serve.add_argument("--listen-port", type=int, help="default: SIDECAR_LISTEN_PORT or 8080")
-    serve.add_argument(
-        "--url",
-        dest="opensearch_url",
-        help="upstream OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)",
-    )
+    _add_opensearch_url(serve, "upstream OpenSearch URL")
     serve.set_defaults(handler=_serve)
 
     opensearch = commands.add_parser("opensearch", help="the project-managed local OpenSearch node")
@@ -114,6 +126,13 @@ def _build_parser() -> argparse.ArgumentParser:
             "(default: SIDECAR_OPENSEARCH_SECURE)",
         )
         action.set_defaults(handler=handler)
+        if name == "down":
+            action.add_argument(
+                "--purge",
+                action="store_true",
+                help="also delete the node's home: install, data and logs (the downloads in "
+                "SIDECAR_CACHE_DIR are kept)",
+            )
 
     index = commands.add_parser("index", help="create and fill hybrid indices")
     index_actions = index.add_subparsers(required=True, metavar="ACTION")
@@ -123,8 +142,12 @@ def _build_parser() -> argparse.ArgumentParser:
     load = index_actions.add_parser("load", help="embed and bulk-index a BEIR corpus.jsonl")
     for action in (create, load):
         action.add_argument("--index", required=True, help="index name")
+        _add_opensearch_url(action, "OpenSearch URL")
         action.add_argument(
-            "--url", dest="opensearch_url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)"
+            "--replicas",
+            type=int,
+            help="replicas of a new index (default: 0 on a single-node cluster, where a replica "
+            "could never be assigned and the index would stay yellow; else the cluster's default)",
         )
         action.add_argument("--engine", choices=["lucene", "faiss"], default="lucene")
         action.add_argument(
@@ -314,14 +337,37 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"queries kept out of training, written to OUT/{HELDOUT_QRELS} (0: none)",
     )
     train.add_argument("--validation-share", type=float, default=0.2, help="of the rest")
-    train.add_argument("--candidates", type=int, default=20, help="per retriever, mined from")
+    train.add_argument(
+        "--candidates",
+        type=int,
+        default=100,
+        help="per retriever, mined from; also the depth validated and early-stopped at",
+    )
     train.add_argument(
         "--negatives",
         type=int,
         default=4,
         help="hard negatives per query (with --teacher: per relevant document)",
     )
-    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument(
+        "--pseudo-queries",
+        type=int,
+        help="pre-train on N pseudo-queries made from the corpus (title -> text, else first "
+        "sentence -> rest); default: 1000 when fewer than 1000 queries train, else 0 (off)",
+    )
+    train.add_argument(
+        "--loss",
+        choices=["bce", "listnet", "lambda"],
+        default="bce",
+        help="binary cross-entropy per pair, or a listwise loss over each query's documents",
+    )
+    train.add_argument("--epochs", type=int, default=1, help="at most, with early stopping")
+    train.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=0,
+        help="stop after N validations without a better nDCG@10 (0: never)",
+    )
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument(
         "--learning-rate",
@@ -346,12 +392,46 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="load the bundled sample corpus and run an example query"
     )
-    demo.add_argument("--index", default="demo-pydoc", help="index name")
     demo.add_argument(
-        "--url", dest="opensearch_url", help="OpenSearch URL (default: SIDECAR_OPENSEARCH_URL)"
+        "--index",
+        default="demo-pydoc",
+        help="the demo's index (deleted and built again if it exists)",
     )
+    _add_opensearch_url(demo, "OpenSearch URL")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+class _DeprecatedOpenSearchUrl(argparse.Action):
+    """`--url` where it used to mean OpenSearch: still accepted for one release, with a warning,
+    now that `--url` means the sidecar in every command."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"warning: {parser.prog} {option_string} is deprecated and will be removed in the "
+            "next release: --url now means the sidecar in every command; use --opensearch URL",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def _add_opensearch_url(command: argparse.ArgumentParser, what: str) -> None:
+    """`--opensearch URL`, and `--url`, its former spelling in this command."""
+    command.add_argument(
+        "--opensearch", dest="opensearch_url", help=f"{what} (default: SIDECAR_OPENSEARCH_URL)"
+    )
+    command.add_argument(
+        "--url",
+        dest="opensearch_url",
+        action=_DeprecatedOpenSearchUrl,
+        help="deprecated spelling of --opensearch",
+    )
 
 
 def _add_sidecar_and_loading_urls(command: argparse.ArgumentParser) -> None:
@@ -417,6 +497,8 @@ def _opensearch_up(args: argparse.Namespace, settings: Settings) -> int:
 def _opensearch_down(args: argparse.Namespace, settings: Settings) -> int:
     node = LocalNode(settings.local_node, settings.cache_dir, os.environ)
     print("stopped" if node.down() else "not running")
+    if args.purge:
+        print(f"removed {node.home}" if node.purge() else f"nothing to remove at {node.home}")
     return 0
 
 
@@ -427,20 +509,38 @@ def _opensearch_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _index_create(args: argparse.Namespace, settings: Settings) -> int:
-    encoder = BiEncoder.from_settings(settings)
+    from sidecar.embedding import BiEncoder, declared_dimension
+    from sidecar.indexing.templates import create_index
+
+    # The model's own files say its dimension; loading it (torch, seconds) only when they do not.
+    dimension = declared_dimension(settings.embedding_model)
+    if dimension is None:
+        dimension = BiEncoder.from_settings(settings).dimension
     report = create_index(
-        _client(settings), args.index, _vector_options(args, settings, encoder.dimension)
+        _client(settings),
+        args.index,
+        _vector_options(args, settings, dimension),
+        replicas=args.replicas,
     )
     print(json.dumps(dataclasses.asdict(report), indent=2))
     return 0
 
 
 def _index_load(args: argparse.Namespace, settings: Settings) -> int:
+    from sidecar.embedding import BiEncoder
+    from sidecar.indexing.loader import load_corpus
+    from sidecar.indexing.templates import create_index
+
     if not args.corpus.is_file():
         raise ValueError(f"corpus file {args.corpus} does not exist")
     encoder = BiEncoder.from_settings(settings)
     client = _client(settings)
-    create_index(client, args.index, _vector_options(args, settings, encoder.dimension))
+    create_index(
+        client,
+        args.index,
+        _vector_options(args, settings, encoder.dimension),
+        replicas=args.replicas,
+    )
     started = time.monotonic()
     report = load_corpus(client, encoder, args.index, args.corpus, skip_bad=args.skip_bad)
     elapsed = time.monotonic() - started
@@ -514,6 +614,7 @@ def _stage2_grid(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.bench import benchmark, dump, print_table, read_queries
+    from sidecar.embedding import BiEncoder
 
     results: dict[str, Any] = {}
     if (not args.skip_load or args.model_bench) and args.queries is None:
@@ -645,6 +746,10 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ensure_index(settings: Settings, index: str, corpus: Path) -> None:
+    from sidecar.embedding import BiEncoder
+    from sidecar.indexing.loader import load_corpus
+    from sidecar.indexing.templates import VectorOptions, create_index
+
     client = _client(settings)
     if not client.indices.exists(index=index):
         log.info("index %s is absent: loading %s", index, corpus)
@@ -654,13 +759,15 @@ def _ensure_index(settings: Settings, index: str, corpus: Path) -> None:
 
 
 def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
-    from sidecar.training import FitOptions, TrainOptions, check_start, train_reranker
+    from sidecar.training.fit import FitOptions
+    from sidecar.training.recipe import TrainOptions, check_start, train_reranker
 
     options = TrainOptions(
         holdout_share=args.holdout_share,
         validation_share=args.validation_share,
         candidates=args.candidates,
         negatives=args.negatives,
+        pseudo_queries=args.pseudo_queries,
         teacher=args.teacher,
         layers=args.layers,
         fit=FitOptions(
@@ -672,6 +779,8 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
             device=args.device or settings.device,
             checkpoint_steps=args.checkpoint_steps,
             resume=args.resume,
+            loss=args.loss,
+            early_stopping_patience=args.early_stopping_patience or None,
         ),
         normalization=settings.normalization,
     )
@@ -689,16 +798,18 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
     )
     out_dir = trained.report.out_dir.resolve()
     print((out_dir / "README.md").read_text())
+    # The learned scorer and the rerank depth come from the model's serving.json; the alpha is
+    # for the blend, served when the learned scorer lost on validation or is turned off.
     print(
-        f"serve it:    SIDECAR_RERANKER_MODEL={out_dir} SIDECAR_ALPHA={trained.blend.alpha:g} "
+        f"serve it:    SIDECAR_RERANKER_MODEL={out_dir} SIDECAR_ALPHA={trained.serving.alpha:g} "
         "sidecar serve"
     )
     heldout = out_dir / HELDOUT_QRELS
     if heldout.exists():
         print(
-            "evaluate it: sidecar eval --modes hybrid,hybrid+rerank "
+            "evaluate it: sidecar eval --modes hybrid "
             f"--dataset {args.dataset} --index {args.index} --qrels {heldout} "
-            f"--candidates {args.candidates}"
+            f"--candidates {args.candidates} --sweep-depth {_DEPTH_SWEEP}"
         )
     return 0
 
@@ -726,6 +837,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _vector_options(args: argparse.Namespace, settings: Settings, dimension: int) -> VectorOptions:
+    from sidecar.indexing.templates import VectorOptions
+
     if args.engine == "faiss":
         _refuse_faiss_on_local_node(settings)
     return VectorOptions(
@@ -764,6 +877,8 @@ def _basic_auth(user: str | None, password_file: Path | None) -> dict[str, str]:
 def _client(settings: Settings) -> OpenSearch:
     """The sidecar's own client for offline commands: its service credentials (if any) and the
     same TLS settings as `serve`."""
+    from opensearchpy import OpenSearch
+
     from sidecar.app import upstream_identity, upstream_tls
 
     identity = upstream_identity(settings)

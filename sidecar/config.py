@@ -34,6 +34,9 @@ AwsService = Literal["es", "aoss"]
 Truncation = Literal["first", "max_chunk", "best_passage"]
 # Where the cross-encoder runs (see sidecar/rerank/runtimes.py) and how it is quantized there.
 RerankRuntime = Literal["auto", "torch", "onnx", "openvino"]
+# How reranked candidates get their final score: `auto` uses the learned final scorer a trained
+# model ships (serving.json) and the blend otherwise; `blend` always uses SIDECAR_ALPHA.
+FinalScorer = Literal["auto", "blend"]
 Quantization = Literal["none", "dynamic", "static"]
 Embedding = Literal["local", "neural", "none"]
 MatchType = Literal["best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix"]
@@ -227,13 +230,15 @@ class Settings:
     normalization: Normalization = "sigmoid"
     # Final = alpha * normalized rerank + (1 - alpha) * min-max first-stage score.
     alpha: float = 1.0
+    final_scorer: FinalScorer = "auto"
     # How many of each search's final hits the provenance metrics count (the "final top-k").
     provenance_top_k: int = 10
     # Candidate depth: default and the most a request may ask for.
     default_candidates: int = 100
     max_candidates: int = 1000
     # Rerank only the first N candidates unless a request says otherwise (`rerank_depth`); the
-    # rest follow in first-stage order. None: all of them.
+    # rest follow in first-stage order. None: the depth the model's serving.json records, else
+    # all of them.
     rerank_depth: int | None = None
     # Whole-request time budget; reranking gets what the first stage leaves.
     request_timeout_s: float = 10.0

@@ -19,6 +19,7 @@ from sidecar.logging import log_stage
 from sidecar.metrics import Metrics
 from sidecar.rerank.batcher import BatcherClosed, Overloaded
 from sidecar.rerank.cache import normalize_query
+from sidecar.rerank.final_scorer import LearnedScorer, feature_rows, signals_of
 from sidecar.rerank.reranker import RerankDocument, Reranker
 from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.first_stage import FirstStage, FirstStageQuery, Fusion, retrieve
@@ -26,7 +27,7 @@ from sidecar.retrieval.fusion import Candidate
 from sidecar.retrieval.opensearch import Upstream, UpstreamError
 from sidecar.retrieval.profiles import IndexProfile, check_filter, read_text
 from sidecar.retrieval.queries import Filter
-from sidecar.scoring import minmax_first_stage, rerank_order
+from sidecar.scoring import best_first, minmax_first_stage, rerank_order
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -161,8 +162,11 @@ class SearchPipeline:
         reranker: Reranker,
         embed_executor: ThreadPoolExecutor,
         metrics: Metrics,
+        final_scorer: LearnedScorer | None = None,
     ) -> None:
         self._settings = settings
+        # Replaces the blend for reranked candidates (the model's serving.json); None: the blend.
+        self._final_scorer = final_scorer
         self.metrics = metrics
         self.encoders = encoders
         self.profiles = profiles
@@ -374,8 +378,9 @@ class SearchPipeline:
         texts: Sequence[str],
         logits: Sequence[float | None] | None,
     ) -> list[RankedHit]:
-        """Reranked hits by final score, then those past the depth in first-stage order, then
-        those with no text (score 0); scores never increase down the list."""
+        """Reranked hits by final score (the blend, or the model's learned final scorer), then
+        those past the depth in first-stage order, then those with no text (score 0); scores
+        never increase down the list."""
         first_stage = minmax_first_stage([c.fused_score for c in candidates])
         if logits is None:
             return [
@@ -385,12 +390,19 @@ class SearchPipeline:
                 )
             ]
         scored = [i for i, logit in enumerate(logits) if logit is not None]
-        order = rerank_order(
-            [logits[i] or 0.0 for i in scored],
-            [first_stage[i] for i in scored],
-            self._settings.normalization,
-            self._settings.alpha,
-        )
+        scored_logits = [logits[i] or 0.0 for i in scored]
+        if self._final_scorer is None:
+            order = rerank_order(
+                scored_logits,
+                [first_stage[i] for i in scored],
+                self._settings.normalization,
+                self._settings.alpha,
+            )
+        else:
+            signals = [signals_of(c, text) for c, text in zip(candidates, texts, strict=True)]
+            order = best_first(
+                self._final_scorer.score(feature_rows(signals, scored, scored_logits))
+            )
         reranked = [
             RankedHit(
                 candidates[scored[j]],

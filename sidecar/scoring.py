@@ -80,7 +80,11 @@ def rerank_order(
 ) -> list[tuple[int, float]]:
     """(position, final score) of every reranked candidate, best first: the logits normalized,
     blended with the first-stage scores, ties kept in first-stage order. Raises as `blend`."""
-    final = blend(normalize_scores(logits, normalization), first_stage_normalized, alpha)
+    return best_first(blend(normalize_scores(logits, normalization), first_stage_normalized, alpha))
+
+
+def best_first(final: Sequence[float]) -> list[tuple[int, float]]:
+    """(position, final score) by descending score, ties kept in first-stage order."""
     return sorted(enumerate(final), key=lambda item: (-item[1], item[0]))
 
 

@@ -23,7 +23,7 @@ from sidecar.evaluation import Qrels, evaluate_run, paired_gain, per_query_ndcg,
 from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
 from sidecar.rerank.runtimes import available_runtimes
 from sidecar.scoring import Normalization, minmax_first_stage, rerank_order
-from sidecar.training import read_documents
+from sidecar.training.data import read_documents
 
 # Requests timed per depth (different queries, after one warm-up request).
 _TIMED_REQUESTS = 5

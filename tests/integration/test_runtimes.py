@@ -12,7 +12,8 @@ from scipy.stats import spearmanr
 
 from sidecar.config import DEFAULT_EMBEDDING_MODEL, Quantization, RerankRuntime
 from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
-from sidecar.training import FitOptions, build_examples, mine_negatives, train_cross_encoder
+from sidecar.training.data import build_examples, mine_negatives
+from sidecar.training.fit import FitOptions, train_cross_encoder
 
 pytestmark = pytest.mark.integration
 

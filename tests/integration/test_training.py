@@ -6,8 +6,10 @@ teacher distilled into a 2-layer student."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +19,22 @@ import pytest
 import scipy.stats
 
 from sidecar.cli import main
+from sidecar.config import SettingsError
 from sidecar.embedding import BiEncoder
 from sidecar.evaluation import read_qrels, search
 from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
-from sidecar.training import (
-    HELDOUT_QRELS,
-    NEGATIVES_FILE,
-    SPLITS_FILE,
-    build_triples,
-    read_documents,
-    score_margins,
-    truncate_layers,
+from sidecar.rerank.final_scorer import (
+    FEATURES,
+    SERVING_FILE,
+    SERVING_VERSION,
+    LearnedScorer,
+    Serving,
+    read_serving,
+    write_serving,
 )
+from sidecar.training import HELDOUT_QRELS
+from sidecar.training.data import NEGATIVES_FILE, SPLITS_FILE, build_triples, read_documents
+from sidecar.training.fit import score_margins, truncate_layers
 from tests.integration.conftest import Cluster
 from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 from tests.integration.test_indexing import write_corpus
@@ -60,7 +66,8 @@ def generate_collection(folder: Path, seed: int = 3) -> dict[str, dict[str, int]
         vocabulary = words.split()
         for n in range(DOCS_PER_TOPIC):
             text = " ".join(rng.choices(vocabulary, k=12))
-            documents.append((f"{topic}-{n}", f"{topic} {vocabulary[n]}", f"The {topic}: {text}."))
+            title = f"{topic} {vocabulary[n]} {vocabulary[n + 1]}"
+            documents.append((f"{topic}-{n}", title, f"The {topic}: {text}."))
         for n in range(2):
             query_id = f"{topic}-q{n}"
             queries[query_id] = " ".join(rng.sample(vocabulary, 3))
@@ -139,7 +146,9 @@ def trained(
     }
     try:
         with running_sidecar(opensearch.url, tiny_cross_encoder, encoder) as first_stage:
-            assert main(train_arguments(dataset, index, out, first_stage.url, opensearch.url)) == 0
+            # Pre-training is this module's last test's: here the judgments alone, as before it.
+            arguments = train_arguments(dataset, index, out, first_stage.url, opensearch.url)
+            assert main([*arguments, "--pseudo-queries", "0"]) == 0
             yield TrainedRun(dataset, index, out, qrels, queries, first_stage)
     finally:
         opensearch.client.indices.delete(index=index, ignore_unavailable=True)
@@ -189,7 +198,7 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
         assert value, when
         assert 0.0 <= float(value.group(1)) <= 1.0, when
     assert "sidecar train-reranker --dataset" in card
-    alpha = re.search(r"\| recommended `SIDECAR_ALPHA` \| ([0-9.]+) \|", card)
+    alpha = re.search(r"\| recommended `SIDECAR_ALPHA` \(the blend\) \| ([0-9.]+) \|", card)
     assert alpha, "the blend weight chosen on the validation queries"
     assert 0.0 <= float(alpha.group(1)) <= 1.0
     assert not (out / "checkpoints").exists()
@@ -319,3 +328,63 @@ def test_train_reranker_distils_a_two_layer_student_that_serves_and_follows_its_
         )
     assert answer["rerank"]["pairs_scored"] > 0
     assert len({hit["rerank_score"] for hit in answer["hits"]}) > 1, "the student's head scores"
+
+
+def test_pseudo_query_pretraining_a_listwise_loss_and_early_stopping_train_and_serve(
+    opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
+) -> None:
+    out = tmp_path / "listwise"
+    arguments = train_arguments(
+        trained.dataset, trained.index, out, trained.first_stage.url, opensearch.url
+    )
+    arguments += ["--pseudo-queries", "12", "--loss", "listnet"]
+    arguments += ["--epochs", "3", "--early-stopping-patience", "1"]
+    assert main(arguments) == 0
+
+    card = (out / "README.md").read_text()
+    assert "| loss | ListNet over each query's relevant documents and negatives |" in card
+    pretraining = re.search(
+        r"\| pre-training on the corpus \| (\d+) pseudo-queries \(title\)", card
+    )
+    assert pretraining, card
+    assert int(pretraining.group(1)) == 12
+    assert not (out / "pretrained").exists(), "the pre-trained start is removed"
+    assert f"| {CANDIDATES} | " in card, "the validation table has the served depth"
+    serving = json.loads((out / SERVING_FILE).read_text())
+    assert serving["version"] == SERVING_VERSION
+    assert serving["validation"]["final_scorer"] in {"learned", "blend"}
+    assert list(serving["validation"]["depths"]) == [str(CANDIDATES)]
+    assert read_serving(out) is not None, "the file this command writes is one serve reads"
+
+    # Serving follows the file: a scorer that puts the first-stage order first whatever the
+    # logits, and a depth of 3, give the first-stage order with the rest flagged below depth.
+    by_rank = tuple(-20.0 if name == "first_stage_log_rank" else 0.0 for name in FEATURES)
+    scorer = LearnedScorer((0.0,) * len(FEATURES), (1.0,) * len(FEATURES), by_rank, 0.0)
+    write_serving(out, Serving(rerank_depth=3, final_scorer=scorer, alpha=1.0), {})
+    query = trained.queries[json.loads((out / SPLITS_FILE).read_text())["heldout"][0]]
+    body = {"index": trained.index, "query": query, "k": CANDIDATES, "rerank": True}
+    with running_sidecar(opensearch.url, out, encoder, rerank_depth=None) as served:
+        hits = search(served.url, body)["hits"]
+        assert [hit["first_stage"]["rank"] for hit in hits] == sorted(
+            hit["first_stage"]["rank"] for hit in hits
+        )
+        assert [bool(hit.get("below_depth")) for hit in hits[:4]] == [False, False, False, True]
+        expected = 1 / (1 + math.exp(20.0 * math.log1p(1)))
+        assert hits[1]["score"] == pytest.approx(expected)
+    with running_sidecar(opensearch.url, out, encoder, final_scorer="blend") as served:
+        hit = search(served.url, body)["hits"][0]
+        assert hit["score"] == pytest.approx(1 / (1 + math.exp(-hit["rerank_score"])))
+
+
+def test_a_serving_file_of_another_version_is_refused_at_start(
+    opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(trained.out, model)
+    entry = json.loads((model / SERVING_FILE).read_text())
+    (model / SERVING_FILE).write_text(json.dumps({**entry, "version": SERVING_VERSION + 1}))
+    with (
+        pytest.raises(SettingsError, match="version"),
+        running_sidecar(opensearch.url, model, encoder),
+    ):
+        pass

@@ -19,28 +19,30 @@ from sidecar.rerank.backend import (
     build_untrained_cross_encoder,
     has_relevance_head,
 )
-from sidecar.training import (
-    Distillation,
+from sidecar.rerank.final_scorer import Signals
+from sidecar.training.card import write_model_card
+from sidecar.training.data import (
     Example,
-    FitOptions,
-    TrainingReport,
-    TrainOptions,
     ValidationQuery,
     build_examples,
     build_triples,
-    check_layers,
-    choose_alpha,
-    is_cross_encoder,
     mine_negatives,
     read_documents,
-    score_margins,
     split_queries,
-    train_cross_encoder,
-    train_reranker,
-    truncate_layers,
-    write_model_card,
     write_qrels,
 )
+from sidecar.training.fit import (
+    Distillation,
+    FitOptions,
+    TrainingReport,
+    check_layers,
+    is_cross_encoder,
+    score_margins,
+    train_cross_encoder,
+    truncate_layers,
+)
+from sidecar.training.recipe import TrainOptions, train_reranker
+from sidecar.training.selection import ScoredQuery, choose_alpha
 
 
 def test_split_is_deterministic_disjoint_and_complete() -> None:
@@ -491,10 +493,16 @@ def test_a_base_that_cannot_be_loaded_is_a_clear_error(tiny_task: TinyTask, tmp_
         )
 
 
+def scored_query(ids: list[str], fused: list[float], logits: list[float]) -> ScoredQuery:
+    """Candidates found by BM25 alone, in first-stage order, with 100-character texts."""
+    signals = [Signals(score, (rank, score), None, 100) for rank, score in enumerate(fused, 1)]
+    return ScoredQuery(ids, signals, logits)
+
+
 def test_the_blend_weight_follows_the_reranker_when_it_is_right() -> None:
     # The first stage ranks the relevant "c" third; the reranker ranks it first.
-    scored = {"q1": (["a", "b", "c"], [3.0, 2.0, 1.0], [0.0, 0.0, 5.0])}
-    choice = choose_alpha(scored, {"q1": {"c": 1}}, "sigmoid")
+    scored = {"q1": scored_query(["a", "b", "c"], [3.0, 2.0, 1.0], [0.0, 0.0, 5.0])}
+    choice = choose_alpha(scored, {"q1": {"c": 1}}, "sigmoid", depth=3)
     assert choice.alpha == 1.0, "ties go to the larger weight"
     assert choice.reranker == choice.ndcg10 == 1.0
     assert choice.first_stage == pytest.approx(0.5)
@@ -503,8 +511,8 @@ def test_the_blend_weight_follows_the_reranker_when_it_is_right() -> None:
 def test_the_blend_weight_stays_with_the_first_stage_when_the_reranker_is_wrong() -> None:
     # Relevant "a" is first in the first stage, last for the reranker: a = 1 - 0.9933 alpha
     # beats b = 0.5 only while alpha < 0.503, so 0.5 is the largest weight that keeps it first.
-    scored = {"q2": (["a", "b", "c"], [3.0, 2.0, 1.0], [-5.0, 0.0, 0.0])}
-    choice = choose_alpha(scored, {"q2": {"a": 1}}, "sigmoid")
+    scored = {"q2": scored_query(["a", "b", "c"], [3.0, 2.0, 1.0], [-5.0, 0.0, 0.0])}
+    choice = choose_alpha(scored, {"q2": {"a": 1}}, "sigmoid", depth=3)
     assert choice.alpha == 0.5
     assert choice.ndcg10 == choice.first_stage == 1.0
     assert choice.reranker < 1.0

@@ -1,0 +1,275 @@
+"""The whole `sidecar train-reranker` flow on a BEIR collection."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sidecar.embedding import resolve_model_source
+from sidecar.evaluation import read_qrels, read_queries
+from sidecar.rerank.final_scorer import Serving, write_serving
+from sidecar.scoring import Normalization
+from sidecar.training import HELDOUT_QRELS
+from sidecar.training.card import write_model_card
+from sidecar.training.data import (
+    NEGATIVES_FILE,
+    SPLITS_FILE,
+    ValidationQuery,
+    build_examples,
+    build_triples,
+    first_stage_candidates,
+    mine_negatives,
+    pseudo_examples,
+    pseudo_queries,
+    read_documents,
+    split_queries,
+    write_qrels,
+)
+from sidecar.training.fit import (
+    FitOptions,
+    TrainingReport,
+    check_layers,
+    configured_layers,
+    distill_cross_encoder,
+    is_cross_encoder,
+    train_cross_encoder,
+)
+from sidecar.training.selection import DEPTHS, choose_serving, score_candidates
+
+log = logging.getLogger(__name__)
+
+# Below this many training queries, pseudo-query pre-training is on unless asked otherwise.
+FEW_JUDGED_QUERIES = 1000
+# Pseudo-queries made when pre-training is on and no count is given.
+DEFAULT_PSEUDO_QUERIES = 1000
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """`sidecar train-reranker`'s choices beyond the data, base model and output."""
+
+    # Share of the judged queries never trained or validated on, written as heldout-qrels.tsv for
+    # `sidecar eval`; 0 trains on all of them.
+    holdout_share: float = 0.2
+    validation_share: float = 0.2
+    # Mined per query, and the depth the model is validated and early-stopped at: the sidecar's
+    # default candidate depth, so validation sees what serving will rerank.
+    candidates: int = 100
+    # Per training query; distilling, per relevant document of it.
+    negatives: int = 4
+    # Pseudo-queries from the corpus to pre-train on (`data.pseudo_queries`): None is automatic
+    # (DEFAULT_PSEUDO_QUERIES when fewer than FEW_JUDGED_QUERIES queries train), 0 is off.
+    pseudo_queries: int | None = None
+    # Distil this trained cross-encoder into a student of `layers` layers instead of fine-tuning
+    # the base; without a teacher, `layers` cuts the base.
+    teacher: str | None = None
+    layers: int | None = None
+    fit: FitOptions = field(default_factory=FitOptions)
+    # How the sidecar that will serve the model normalizes rerank scores, for the blend choice.
+    normalization: Normalization = "sigmoid"
+
+
+def check_start(base: str, options: TrainOptions) -> None:
+    """Refuses, from the models' configs alone and so before any index load or mining, a teacher
+    without the student's `layers`, a teacher that is not a cross-encoder, and `layers` that do
+    not cut the model training starts from (`check_layers`). Raises ValueError."""
+    start = resolve_model_source(options.teacher or base)
+    if options.teacher is not None:
+        if options.layers is None:
+            raise ValueError("distilling needs the student's depth: layers")
+        if not is_cross_encoder(start):
+            raise ValueError(f"the teacher {options.teacher!r} is not a cross-encoder")
+    if options.layers is not None:
+        check_layers(options.layers, configured_layers(start))
+
+
+def train_reranker(
+    sidecar_url: str,
+    index: str,
+    dataset: Path,
+    qrels_path: Path,
+    base: str,
+    out_dir: Path,
+    options: TrainOptions,
+    command: str,
+) -> TrainedReranker:
+    """The whole `sidecar train-reranker` flow on a BEIR folder whose corpus is loaded in `index`:
+    split the judged queries, mine negatives through the sidecar at `sidecar_url`, fine-tune
+    `base` (or, with `options.teacher`, distil the teacher and leave `base` unused), choose the
+    blend weight on the validation queries, and write the model, its card, the split
+    (splits.json), the mined negatives (negatives.json) and the held-out judgments.
+
+    Documents are read as the rerank stage reads them (title and text joined), so the model is
+    trained on the input it is served. Raises ValueError when fewer than two queries are judged
+    relevant (nothing to split) or, before anything is read, as `check_start` does; EvalError
+    when the sidecar fails.
+    """
+    check_start(base, options)
+    fit = options.fit
+    qrels = read_qrels(qrels_path)
+    judged = sorted(q for q, docs in qrels.items() if any(rel > 0 for rel in docs.values()))
+    queries = read_queries(dataset / "queries.jsonl", judged)
+    if len(queries) < 2:
+        raise ValueError(f"{qrels_path} judges fewer than two queries of {dataset} relevant")
+    usable, heldout = list(queries), list[str]()
+    if options.holdout_share > 0:
+        usable, heldout = split_queries(usable, options.holdout_share, fit.seed)
+    train_ids, validation_ids = split_queries(usable, options.validation_share, fit.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SPLITS_FILE).write_text(
+        json.dumps({"train": train_ids, "validation": validation_ids, "heldout": heldout}, indent=1)
+        + "\n"
+    )
+    if heldout:
+        write_qrels({q: qrels[q] for q in heldout}, out_dir / HELDOUT_QRELS)
+    log.info(
+        "queries: %d train, %d validation, %d held out",
+        len(train_ids),
+        len(validation_ids),
+        len(heldout),
+    )
+
+    candidates = first_stage_candidates(
+        sidecar_url,
+        index,
+        {q: queries[q] for q in train_ids + validation_ids},
+        options.candidates,
+        fit.progress,
+    )
+    wanted = {doc for ranked in candidates.values() for doc in ranked}
+    wanted |= {doc for q in candidates for doc, rel in qrels[q].items() if rel > 0}
+    documents = read_documents(dataset / "corpus.jsonl", wanted)
+    negatives = mine_negatives(
+        {q: list(candidates[q]) for q in train_ids}, qrels, options.negatives
+    )
+    # What each query was trained against, to audit the negatives later.
+    (out_dir / NEGATIVES_FILE).write_text(json.dumps(negatives, indent=1) + "\n")
+    validation: dict[str, ValidationQuery] = {}
+    for query_id in validation_ids:
+        relevant = [
+            documents[d] for d, rel in qrels[query_id].items() if rel > 0 and d in documents
+        ]
+        if relevant:
+            ranked = [
+                documents[d] for d in candidates[query_id] if d in documents
+            ]  # the depth served
+            validation[query_id] = (queries[query_id], relevant, ranked)
+    train_queries = {q: queries[q] for q in train_ids}
+    negatives_described = (
+        f"the top {options.negatives} of {options.candidates} hybrid first-stage candidates "
+        f"(index `{index}`) not judged relevant"
+    )
+    pretraining: str | None = None
+    if options.teacher is not None and options.layers is not None:
+        triples = build_triples(train_queries, documents, qrels, negatives)
+        log.info("training triples: %d; validation queries: %d", len(triples), len(validation))
+        report = distill_cross_encoder(
+            options.teacher, options.layers, triples, validation, out_dir, fit
+        )
+        negatives_described = f"each relevant document against {negatives_described}"
+    else:
+        train = build_examples(train_queries, documents, qrels, negatives)
+        log.info("training pairs: %d; validation queries: %d", len(train), len(validation))
+        start = base
+        pseudo_count = options.pseudo_queries
+        if pseudo_count is None:
+            pseudo_count = DEFAULT_PSEUDO_QUERIES if len(train_ids) < FEW_JUDGED_QUERIES else 0
+        if pseudo_count:
+            start, pretraining = _pretrain(
+                sidecar_url, index, dataset, base, pseudo_count, validation, out_dir, options
+            )
+        report = train_cross_encoder(
+            start, train, validation, out_dir, fit, layers=None if pretraining else options.layers
+        )
+        if pretraining:
+            shutil.rmtree(start)
+            report = replace(report, base=base)
+    scored = score_candidates(
+        out_dir,
+        {q: queries[q] for q in validation},
+        {q: candidates[q] for q in validation},
+        documents,
+        fit.device,
+        fit.progress,
+    )
+    depths = [depth for depth in DEPTHS if depth < options.candidates] + [options.candidates]
+    serving, figures = choose_serving(scored, qrels, options.normalization, depths, fit.seed)
+    write_serving(out_dir, serving, figures)
+    log.info(
+        "serving: %s final scorer, rerank depth %s, alpha %g; validation gains by depth %s",
+        figures["final_scorer"],
+        serving.rerank_depth,
+        serving.alpha,
+        {
+            d: round(e[figures["final_scorer"]]["gain"]["mean"], 4)
+            for d, e in figures["depths"].items()
+        },
+    )
+    description = (
+        f"`{qrels_path}` of `{dataset}`; negatives: {negatives_described}; {len(heldout)} "
+        f"queries held out (`{HELDOUT_QRELS}`)"
+    )
+    write_model_card(report, command, description, (serving, figures), pretraining)
+    return TrainedReranker(report, serving, figures)
+
+
+def _pretrain(
+    sidecar_url: str,
+    index: str,
+    dataset: Path,
+    base: str,
+    count: int,
+    validation: dict[str, ValidationQuery],
+    out_dir: Path,
+    options: TrainOptions,
+) -> tuple[str, str | None]:
+    """Pre-train `base` on up to `count` pseudo-queries from the corpus, negatives mined for each
+    through the sidecar as for real queries; the model is written to OUT/pretrained, which the
+    fine-tune starts from. Returns that folder and the card's description of what was done, or
+    `base` and None when the corpus gives no pseudo-query."""
+    started = time.perf_counter()
+    fit = options.fit
+    pseudo, corpus = pseudo_queries(dataset / "corpus.jsonl", count, fit.seed)
+    if not pseudo:
+        log.info("no pseudo-queries: no document has a title or a sentence to spare")
+        return base, None
+    mined = first_stage_candidates(
+        sidecar_url,
+        index,
+        {entry.doc_id: entry.query for entry in pseudo},
+        options.negatives + 1,
+        fit.progress,
+    )
+    examples = pseudo_examples(
+        pseudo, {doc: list(hits) for doc, hits in mined.items()}, corpus, options.negatives
+    )
+    methods = sorted({entry.method for entry in pseudo})
+    log.info(
+        "pre-training on %d pseudo-queries (%s): %d pairs", len(pseudo), methods, len(examples)
+    )
+    folder = out_dir / "pretrained"
+    pretrained = train_cross_encoder(
+        base,
+        examples,
+        validation,
+        folder,
+        replace(fit, early_stopping_patience=None),
+        layers=options.layers,
+    )
+    seconds = time.perf_counter() - started
+    return str(folder), (
+        f"{len(pseudo)} pseudo-queries ({', '.join(methods)}), {len(examples)} pairs, "
+        f"{options.negatives} first-stage negatives each, seed {fit.seed}; {seconds:.0f} s; "
+        f"validation nDCG@10 after it {pretrained.ndcg10_after:.4f}"
+    )
+
+
+@dataclass(frozen=True)
+class TrainedReranker:
+    report: TrainingReport
+    serving: Serving
+    validation: dict[str, object]

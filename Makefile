@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_PORT ?= 9200
 DEMO_INDEX ?= demo-pydoc
 
-.PHONY: install prometheus-bin redis-bin docker-bin test lint format demo demo-down clean
+.PHONY: install prometheus-bin redis-bin docker-bin test lint format demo demo-down demo-clean clean
 
 install: $(STAMP)
 
@@ -70,12 +70,17 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The demo's OpenSearch node keeps running after `make demo` (the commands it prints use it);
+# `make demo-down` stops it, `make demo-clean` stops it and deletes its install and data.
 demo: $(STAMP)
 	$(BIN)/sidecar opensearch up --port $(DEMO_PORT)
-	$(BIN)/sidecar demo --index $(DEMO_INDEX) --url http://127.0.0.1:$(DEMO_PORT)
+	$(BIN)/sidecar demo --index $(DEMO_INDEX) --opensearch http://127.0.0.1:$(DEMO_PORT)
 
 demo-down: $(STAMP)
 	$(BIN)/sidecar opensearch down --port $(DEMO_PORT)
+
+demo-clean: $(STAMP)
+	$(BIN)/sidecar opensearch down --port $(DEMO_PORT) --purge
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

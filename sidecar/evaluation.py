@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytrec_eval
-import scipy.stats
 from tqdm import tqdm
 
 from sidecar.metrics import rank_range, score_range
@@ -106,6 +105,8 @@ def paired_gain(baseline: Mapping[str, float], treated: Mapping[str, float]) -> 
 
     Raises ValueError when the two do not cover the same queries.
     """
+    import scipy.stats  # here, not at the top: a second of import for every `sidecar` command
+
     if set(baseline) != set(treated):
         raise ValueError("the baseline and the treated run must cover the same queries")
     deltas = np.array([treated[q] - baseline[q] for q in sorted(baseline)])

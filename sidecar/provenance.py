@@ -1,7 +1,8 @@
 """`sidecar provenance`: where a running sidecar's final hits came from, read off its `/metrics`.
 
 Off the request path: an operator's report built from the provenance counters the pipeline exports
-(`sidecar_final_hits_total`, `sidecar_final_hits_by_score_total`, `sidecar_candidates_total`)."""
+(`sidecar_final_hits_total`, `sidecar_final_hits_by_score_total`, `sidecar_candidates_total`) for
+native searches, and the count of intercepted `_search` answers, which those counters leave out."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ SCORE_RANGES = tuple(f"{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10))
 _FINAL_HITS = "sidecar_final_hits_total"
 _FINAL_HITS_BY_SCORE = "sidecar_final_hits_by_score_total"
 _CANDIDATES = "sidecar_candidates_total"
+_REQUESTS = "sidecar_requests_total"
 _MISSING_LABEL = "unknown"
 
 
@@ -33,13 +35,16 @@ class ProvenanceReport:
     """Counter values since the sidecar started (counts of hits, not rates).
 
     `final_by_rank` maps (source, first-stage rank range) and `final_by_score` maps
-    (source, first-stage score range) to final top-k hits; `candidates` maps source to
-    first-stage candidates. Absent keys are zero.
+    (source, first-stage score range) to final top-k hits of native searches; `candidates` maps
+    source to their first-stage candidates. Absent keys are zero. `intercepted_searches` counts
+    the reranked answers to `_search` + `ext.rerank`: their candidates are the hits of the
+    caller's own query, which no retriever label describes, so they are in none of the maps.
     """
 
     final_by_rank: Mapping[tuple[str, str], int] = field(default_factory=dict)
     final_by_score: Mapping[tuple[str, str], int] = field(default_factory=dict)
     candidates: Mapping[str, int] = field(default_factory=dict)
+    intercepted_searches: int = 0
 
     @property
     def final_hits(self) -> int:
@@ -68,6 +73,7 @@ def parse_provenance(metrics_text: str) -> ProvenanceReport:
     final_by_rank: dict[tuple[str, str], int] = {}
     final_by_score: dict[tuple[str, str], int] = {}
     candidates: dict[str, int] = {}
+    intercepted = 0
     try:
         for family in text_string_to_metric_families(metrics_text):
             for sample in family.samples:
@@ -82,27 +88,45 @@ def parse_provenance(metrics_text: str) -> ProvenanceReport:
                     final_by_score[key] = final_by_score.get(key, 0) + count
                 elif sample.name == _CANDIDATES:
                     candidates[source] = candidates.get(source, 0) + count
+                elif (
+                    sample.name == _REQUESTS
+                    and labels.get("route") == "intercept"
+                    and labels.get("status", "").startswith("2")
+                ):
+                    intercepted += count
     except (ValueError, OverflowError) as exc:  # the parser's error; round() of inf/NaN
         raise ProvenanceError(f"not a Prometheus text exposition: {exc}") from exc
     return ProvenanceReport(
-        final_by_rank=final_by_rank, final_by_score=final_by_score, candidates=candidates
+        final_by_rank=final_by_rank,
+        final_by_score=final_by_score,
+        candidates=candidates,
+        intercepted_searches=intercepted,
     )
 
 
 def format_report(report: ProvenanceReport) -> str:
-    """Plain-text tables of counts and shares: final top-k by retriever, by first-stage rank
-    range, by first-stage score range, retriever x rank range, then the candidate mix.
+    """Plain-text tables of counts and shares of native searches: final top-k by retriever, by
+    first-stage rank range, by first-stage score range, retriever x rank range, then the
+    candidate mix. The first lines say how many intercepted `_search` answers they leave out.
 
     Ranges come in their natural order. Says so plainly when no final hit was recorded yet.
     """
+    intercepted = (
+        f"Intercepted _search + ext.rerank answers: {report.intercepted_searches}, in none of "
+        "the tables (their candidates are the hits of the caller's own query, not of the "
+        "sidecar's retrievers)."
+    )
     sections: list[str] = []
     if report.final_hits == 0:
         sections.append(
-            "No final hits recorded yet: this sidecar has served no search since it started "
-            "(sidecar_final_hits_total is absent or zero)."
+            "No final hits recorded yet: this sidecar has served no native search (/v1/search) "
+            f"since it started (sidecar_final_hits_total is absent or zero).\n{intercepted}"
         )
     else:
-        sections.append(f"Final top-k hits: {report.final_hits}")
+        sections.append(
+            f"Final top-k hits: {report.final_hits}, of native searches (/v1/search)\n"
+            + intercepted
+        )
         sections.append(
             _share_table(
                 "Final top-k by retriever", "retriever", "hits", report.final_by_source(), SOURCES

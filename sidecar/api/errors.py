@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +28,18 @@ class ApiError(Exception):
         self.error_type = error_type
         self.reason = reason
         self.headers = headers or {}
+
+
+class MethodNotAllowed(Exception):
+    """A method that a path of the sidecar's own does not take; `uri` is the path and query as
+    sent, `allowed` the methods it does take."""
+
+    def __init__(self, uri: str, method: str, allowed: Sequence[str]) -> None:
+        super().__init__(
+            f"Incorrect HTTP method for uri [{uri}] and method [{method}], "
+            f"allowed: [{', '.join(allowed)}]"
+        )
+        self.allowed = tuple(allowed)
 
 
 def bad_request(reason: str) -> ApiError:
@@ -56,6 +69,8 @@ def rejection_reason(error: Exception) -> str | None:
         return "too_large"
     if isinstance(error, ApiError) and 400 <= error.status < 500:
         return "bad_request"
+    if isinstance(error, MethodNotAllowed):
+        return "bad_request"
     if isinstance(error, ProfileError):
         return "bad_request"
     return None
@@ -66,6 +81,9 @@ def _classify(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
         return error.status, error_body(error.status, error.error_type, error.reason), error.headers
     if isinstance(error, UpstreamError):
         return error.status, error.body, error.headers
+    if isinstance(error, MethodNotAllowed):
+        # As OpenSearch answers a wrong method: the message as a plain string, not an object.
+        return 405, {"error": str(error), "status": 405}, {"Allow": ",".join(error.allowed)}
     if isinstance(error, ProfileError):
         return 400, error_body(400, "illegal_argument_exception", str(error)), {}
     if isinstance(error, EmbeddingFailed):

@@ -11,12 +11,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sidecar.api import proxy
-from sidecar.api.errors import ApiError, error_response, rejection_reason
+from sidecar.api.errors import ApiError, MethodNotAllowed, error_response, rejection_reason
 from sidecar.api.intercept import intercept_search
 from sidecar.api.responses import (
     ROUTE_LABEL,
@@ -54,11 +54,14 @@ _ROUTE_LABELS = {
 
 
 def add_routes(app: web.Application, registry: CollectorRegistry) -> None:
-    app.router.add_get("/metrics", make_aiohttp_handler(registry))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_post("/v1/search", native_search)
-    app.router.add_get("/v1/indexes/{index}/profile", index_profile)
+    for method, path, handler in (
+        ("GET", "/metrics", make_aiohttp_handler(registry)),
+        ("GET", "/healthz", healthz),
+        ("GET", "/readyz", readyz),
+        ("POST", "/v1/search", native_search),
+        ("GET", "/v1/indexes/{index}/profile", index_profile),
+    ):
+        _add_own_path(app, method, path, handler)
     for path in ("/_search", "/{index}/_search"):
         app.router.add_route("GET", path, intercept_search)
         app.router.add_route("POST", path, intercept_search)
@@ -71,6 +74,27 @@ def add_routes(app: web.Application, registry: CollectorRegistry) -> None:
         for method in ("PUT", "POST"):
             app.router.add_route(method, path, write_bulk)
     app.router.add_route("*", "/{tail:.*}", pass_through)
+
+
+def _add_own_path(
+    app: web.Application,
+    method: str,
+    path: str,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> None:
+    """A path that only the sidecar has: `method` (GET with HEAD) goes to `handler`, any other
+    gets a 405. Passed through, the cluster would answer "no handler found", a 400."""
+    app.router.add_route(method, path, handler)
+    if method == hdrs.METH_GET:
+        app.router.add_route(hdrs.METH_HEAD, path, handler)
+    app.router.add_route(hdrs.METH_ANY, path, method_not_allowed)
+
+
+async def method_not_allowed(request: web.Request) -> web.StreamResponse:
+    """Raises MethodNotAllowed with the methods the matched path takes."""
+    routes = request.match_info.route.resource or ()
+    allowed = sorted(route.method for route in routes if route.method != hdrs.METH_ANY)
+    raise MethodNotAllowed(request.raw_path, request.method, allowed)
 
 
 @web.middleware

@@ -17,11 +17,18 @@ _HEADING = re.compile(r"^(?P<title>[^\n]+)\n(?P<rule>[*=\-~]{3,})$", re.MULTILIN
 
 
 def sample_documents() -> Iterator[Document]:
-    """One document per section (or section part) of every pydoc topic, in a stable order."""
+    """One document per distinct section (or section part) of the pydoc topics, in a stable order.
+
+    Several topics share sections (`compound` and `try` both hold 'The "try" statement'): a text
+    seen before is skipped, so that a search never returns the same passage twice."""
     from pydoc_data.topics import topics
 
+    seen: set[str] = set()
     for topic in sorted(topics):
         for number, (title, text) in enumerate(_passages(topics[topic])):
+            if text in seen:
+                continue
+            seen.add(text)
             yield Document(
                 id=f"{topic}-{number}", title=title, text=text, metadata={"topic": topic}
             )

@@ -10,9 +10,10 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from opensearchpy import OpenSearch
+if TYPE_CHECKING:
+    from opensearchpy import OpenSearch
 
 HYBRID_PIPELINE = "sidecar-hybrid-minmax"
 RRF_PIPELINE = "sidecar-hybrid-rrf"
@@ -48,6 +49,8 @@ class CreateReport:
     template: str
     index_created: bool
     pipelines: tuple[str, ...]
+    # What the template gives a new index; None: the cluster's default.
+    replicas: int | None
 
 
 def templates_dir() -> Path:
@@ -63,10 +66,15 @@ def load_json(name: str) -> dict[str, Any]:
     return loaded
 
 
-def render_index_template(index: str, vector: VectorOptions) -> dict[str, Any]:
-    """The composable index template for exactly `index`, with the vector knobs filled in."""
+def render_index_template(
+    index: str, vector: VectorOptions, replicas: int | None = None
+) -> dict[str, Any]:
+    """The composable index template for exactly `index`, with the vector knobs filled in and
+    `replicas` (None: the cluster's default)."""
     template = copy.deepcopy(load_json("hybrid-index-template.json"))
     template["index_patterns"] = [index]
+    if replicas is not None:
+        template["template"]["settings"]["index"]["number_of_replicas"] = replicas
     field = template["template"]["mappings"]["properties"][VECTOR_FIELD]
     field["dimension"] = vector.dimension
     field["space_type"] = vector.space_type
@@ -75,13 +83,21 @@ def render_index_template(index: str, vector: VectorOptions) -> dict[str, Any]:
     return template
 
 
-def create_index(client: OpenSearch, index: str, vector: VectorOptions) -> CreateReport:
+def create_index(
+    client: OpenSearch, index: str, vector: VectorOptions, replicas: int | None = None
+) -> CreateReport:
     """Put the template and pipelines, then create `index` if absent. Safe to repeat.
 
+    `replicas` None: 0 on a single-node cluster, where a replica could never be assigned and
+    the index would stay yellow; else the cluster's default. An existing index keeps its own.
     Raises IndexLayoutError when `index` exists with a vector field that does not match.
     """
+    if replicas is None and client.cluster.health()["number_of_data_nodes"] == 1:
+        replicas = 0
     template_name = f"sidecar-hybrid-{index}"
-    client.indices.put_index_template(name=template_name, body=render_index_template(index, vector))
+    client.indices.put_index_template(
+        name=template_name, body=render_index_template(index, vector, replicas)
+    )
     pipelines: list[str] = []
     # The pipelines' processors come with neural-search; a cluster without it gets the index
     # alone (the sidecar's own fusion modes need no pipeline).
@@ -105,7 +121,12 @@ def create_index(client: OpenSearch, index: str, vector: VectorOptions) -> Creat
     else:
         client.indices.create(index=index)
         created = True
-    return CreateReport(template=template_name, index_created=created, pipelines=tuple(pipelines))
+    return CreateReport(
+        template=template_name,
+        index_created=created,
+        pipelines=tuple(pipelines),
+        replicas=replicas,
+    )
 
 
 def check_layout(client: OpenSearch, index: str, dimension: int) -> None:

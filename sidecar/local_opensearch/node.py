@@ -159,6 +159,19 @@ class LocalNode:
         self._pid_file.unlink(missing_ok=True)
         return True
 
+    def purge(self) -> bool:
+        """Delete the stopped node's home (install, data, logs, password); the downloads cache is
+        not touched. Returns False when there is no home. Raises NodeError while the node runs,
+        or when the folder does not look like a node's home (it is never guessed at)."""
+        if self._running_pid() is not None:
+            raise NodeError(f"the node at {self.url} is running: stop it first")
+        if not self.home.exists():
+            return False
+        if not (self._state_file.exists() or any(self.home.glob("opensearch-*"))):
+            raise NodeError(f"{self.home} holds no node.json nor opensearch-*/: not removing it")
+        shutil.rmtree(self.home)
+        return True
+
     def _requested_version(self) -> str:
         """An installed node keeps its version unless another is asked for explicitly."""
         state = self._read_state()

@@ -131,7 +131,7 @@ def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pydoc_index(
     opensearch: Cluster, encoder: BiEncoder, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """The bundled sample corpus (423 sections of Python's reference docs) in a hybrid index."""
+    """The bundled sample corpus (341 distinct sections of Python's reference docs) in a hybrid index."""
     from sidecar.indexing.loader import load_corpus
     from sidecar.indexing.sample import write_sample_corpus
     from sidecar.indexing.templates import VectorOptions, create_index

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Any
 import pytest
 
 from sidecar.cli import main
+from sidecar.config import ENV_PREFIX
 from sidecar.embedding import BiEncoder
 from sidecar.indexing.loader import load_corpus
 from sidecar.indexing.templates import (
@@ -171,6 +175,43 @@ def test_existing_index_with_another_dimension_is_refused(
         create_index(opensearch.client, index_name, VectorOptions(dimension=8))
 
 
+def test_a_new_index_gets_no_replica_on_a_single_node_unless_asked(
+    opensearch: Cluster, index_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    single_node = opensearch.client.cluster.health()["number_of_data_nodes"] == 1
+    create = ["index", "create", "--index", index_name, "--opensearch", opensearch.url]
+    assert main(create) == 0
+    assert json.loads(capsys.readouterr().out)["replicas"] == (0 if single_node else None)
+    if single_node:
+        health = opensearch.client.cluster.health(
+            index=index_name, wait_for_status="green", timeout="30s"
+        )
+        assert health["status"] == "green"
+    opensearch.client.indices.delete(index=index_name)
+    assert main([*create, "--replicas", "2"]) == 0
+    settings = opensearch.client.indices.get_settings(index=index_name)[index_name]["settings"]
+    assert settings["index"]["number_of_replicas"] == "2"
+
+
+def test_index_create_reads_the_dimension_from_the_models_files_without_torch(
+    opensearch: Cluster, encoder: BiEncoder, index_name: str
+) -> None:
+    create = ["index", "create", "--index", index_name, "--opensearch", opensearch.url]
+    script = (
+        "import json, sys\n"
+        "from sidecar.cli import main\n"
+        f"code = main({create!r})\n"
+        "print(json.dumps([code, sorted(set(sys.modules) & {'torch', 'sentence_transformers'})]))\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    completed = subprocess.run(
+        [sys.executable, "-c", script], env=environ, capture_output=True, text=True, check=True
+    )
+    assert json.loads(completed.stdout.splitlines()[-1]) == [0, []]
+    mapping = opensearch.client.indices.get_mapping(index=index_name)[index_name]["mappings"]
+    assert mapping["properties"]["embedding"]["dimension"] == encoder.dimension
+
+
 def test_cli_load_skips_and_reports_bad_lines(
     opensearch: Cluster, index_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -184,7 +225,7 @@ def test_cli_load_skips_and_reports_bad_lines(
                 "load",
                 "--index",
                 index_name,
-                "--url",
+                "--opensearch",
                 opensearch.url,
                 "--corpus",
                 str(corpus),
@@ -198,7 +239,7 @@ def test_cli_load_skips_and_reports_bad_lines(
         "load",
         "--index",
         index_name,
-        "--url",
+        "--opensearch",
         opensearch.url,
         "--corpus",
         str(corpus),

@@ -524,6 +524,46 @@ def test_a_body_that_is_not_json_by_its_media_type_is_a_406(
         assert answer.code == 406, "the cluster's own answer to the same request"
 
 
+# The paths only the sidecar has, and the methods each takes.
+OWN_PATHS = {
+    "/healthz": ("GET", "HEAD"),
+    "/readyz": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
+    "/v1/search": ("POST",),
+    "/v1/indexes/{index}/profile": ("GET", "HEAD"),
+}
+
+
+def send(method: str, url: str) -> tuple[int, bytes, dict[str, str]]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read(), dict(error.headers)
+
+
+@pytest.mark.parametrize("path", sorted(OWN_PATHS))
+def test_a_wrong_method_on_the_sidecars_own_paths_is_a_405_as_opensearch_words_it(
+    sidecar: RunningSidecar, opensearch: Cluster, pydoc_index: str, path: str
+) -> None:
+    allowed = OWN_PATHS[path]
+    uri = path.format(index=pydoc_index) + "?pretty"
+    _, cluster_body, _ = send("PUT", f"{opensearch.url}/_cluster/health")
+    for method in sorted({"GET", "POST", "PUT", "DELETE", "PATCH"} - set(allowed)):
+        status, body, headers = send(method, f"{sidecar.url}{uri}")
+        assert status == 405, (method, body)
+        assert headers["Allow"] == ",".join(allowed)
+        answer = json.loads(body)
+        assert answer == {
+            "error": f"Incorrect HTTP method for uri [{uri}] and method [{method}], "
+            f"allowed: [{', '.join(allowed)}]",
+            "status": 405,
+        }
+        assert answer.keys() == json.loads(cluster_body).keys(), "the cluster's own 405 shape"
+
+
 def test_query_text_cannot_inject_query_dsl(sidecar: RunningSidecar, pydoc_index: str) -> None:
     hostile = '"}}, {"match_all": {}}, {"match": {"text": "'
     answer = search(sidecar, index=pydoc_index, query=hostile, k=5, candidates=10, rerank=False)

@@ -1,8 +1,13 @@
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from sidecar.cli import main
+from sidecar.cli import _build_parser, main
+from sidecar.config import ENV_PREFIX
 
 
 def test_a_missing_dataset_file_is_one_error_line_not_a_traceback(
@@ -13,3 +18,70 @@ def test_a_missing_dataset_file_is_one_error_line_not_a_traceback(
     assert err.startswith("error: ")
     assert str(tmp_path / "qrels" / "test.tsv") in err
     assert "Traceback" not in err
+
+
+# What commands that need no model must not pay for at start (seconds of import).
+HEAVY_MODULES = ("torch", "sentence_transformers", "transformers", "scipy")
+
+
+def test_commands_that_need_no_model_start_without_torch_or_scipy(tmp_path: Path) -> None:
+    script = (
+        "import json, sys\n"
+        "from sidecar.cli import main\n"
+        "main(['opensearch', 'status', '--port', '9299'])\n"
+        "main(['provenance', '--url', 'http://127.0.0.1:1'])\n"
+        f"print(json.dumps(sorted(set(sys.modules) & set({HEAVY_MODULES!r}))))\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**environ, "SIDECAR_OPENSEARCH_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(completed.stdout.splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve"],
+        ["index", "create", "--index", "i"],
+        ["index", "load", "--index", "i", "--corpus", "c"],
+        ["demo"],
+    ],
+)
+def test_opensearch_is_named_by_opensearch_and_the_former_url_still_works_with_a_warning(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = _build_parser()
+    assert parser.parse_args([*command, "--opensearch", "http://a:9200"]).opensearch_url == (
+        "http://a:9200"
+    )
+    assert capsys.readouterr().err == ""
+    assert parser.parse_args([*command, "--url", "http://b:9200"]).opensearch_url == (
+        "http://b:9200"
+    )
+    warning = capsys.readouterr().err
+    assert "--url is deprecated" in warning
+    assert "use --opensearch URL" in warning
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["provenance"],
+        ["bench", "--index", "i"],
+        ["soak", "--index", "i", "--queries", "q"],
+        ["eval", "--dataset", "d", "--index", "i"],
+        ["train-reranker", "--dataset", "d", "--index", "i", "--out", "o"],
+    ],
+)
+def test_url_means_the_sidecar_everywhere_else(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _build_parser().parse_args([*command, "--url", "http://127.0.0.1:8080"])
+    assert args.sidecar_url == "http://127.0.0.1:8080"
+    assert getattr(args, "opensearch_url", None) is None
+    assert capsys.readouterr().err == ""

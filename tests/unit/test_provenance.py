@@ -231,6 +231,19 @@ def test_report_without_final_hits_says_so(metrics_text: str) -> None:
     assert "%" not in text
 
 
+def test_intercepted_searches_are_counted_apart_and_the_report_says_so() -> None:
+    report = parse_provenance(
+        'sidecar_requests_total{route="intercept",status="200"} 3.0\n'
+        'sidecar_requests_total{route="intercept",status="400"} 2.0\n'
+        'sidecar_requests_total{route="search",status="200"} 5.0\n'
+        'sidecar_final_hits_total{first_stage_rank="1-10",source="both"} 4.0\n'
+    )
+    assert report.intercepted_searches == 3
+    assert report.final_hits == 4
+    headline = format_report(report).split("\n\n")[0]
+    assert "Intercepted _search + ext.rerank answers: 3, in none of the tables" in headline
+
+
 def test_parse_reads_prometheus_client_output() -> None:
     registry = CollectorRegistry()
     final_hits = Counter(

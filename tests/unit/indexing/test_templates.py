@@ -33,3 +33,11 @@ def test_pipelines_fuse_lexical_then_vector() -> None:
     assert len(processor["combination"]["parameters"]["weights"]) == 2
     rrf = load_json("rrf-search-pipeline.json")["phase_results_processors"][0]
     assert rrf["score-ranker-processor"]["combination"]["technique"] == "rrf"
+
+
+def test_replicas_are_set_only_when_chosen() -> None:
+    vector = VectorOptions(dimension=3)
+    chosen = render_index_template("a", vector, replicas=0)
+    assert chosen["template"]["settings"]["index"]["number_of_replicas"] == 0
+    default = render_index_template("a", vector)
+    assert "number_of_replicas" not in default["template"]["settings"]["index"]

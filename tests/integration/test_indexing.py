@@ -183,9 +183,7 @@ def test_a_new_index_gets_no_replica_on_a_single_node_unless_asked(
     assert main(create) == 0
     assert json.loads(capsys.readouterr().out)["replicas"] == (0 if single_node else None)
     if single_node:
-        health = opensearch.client.cluster.health(
-            index=index_name, wait_for_status="green", timeout="30s"
-        )
+        health = opensearch.client.cluster.health(index=index_name, wait_for_status="green")
         assert health["status"] == "green"
     opensearch.client.indices.delete(index=index_name)
     assert main([*create, "--replicas", "2"]) == 0

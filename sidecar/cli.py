@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 # Only light modules here: torch, sentence-transformers, scipy and opensearch-py are imported by
 # the handlers that need them, so that commands without a model start at once.
 from sidecar.config import DEFAULT_EMBEDDING_MODEL, Settings, Truncation
-from sidecar.evaluation import MODES
 from sidecar.local_opensearch.node import LocalNode, NodeStatus
+from sidecar.printed_commands import shown_path, sidecar_command
 from sidecar.retrieval.identity import basic_authorization
 from sidecar.training import HELDOUT_QRELS
 
@@ -279,7 +279,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--qrels", default="qrels/test.tsv", help="relative to --dataset, or an absolute path"
     )
     evaluate.add_argument(
-        "--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES)
+        "--modes",
+        default="",
+        help="comma-separated, of bm25, knn, hybrid, hybrid+rerank (default: all of them)",
     )
     evaluate.add_argument("--k", type=int, default=10)
     evaluate.add_argument("--candidates", type=int, default=100, help="per retriever")
@@ -709,6 +711,7 @@ def _local_sidecar(settings: Settings) -> str:
 
 def _eval(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.evaluation import (
+        MODES,
         EvalOptions,
         read_qrels,
         read_queries,
@@ -716,7 +719,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         write_report,
     )
 
-    modes = [mode for mode in args.modes.split(",") if mode]
+    modes = [mode for mode in args.modes.split(",") if mode] or list(MODES)
     if unknown := sorted(set(modes) - set(MODES)):
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     rerank_depths = [int(depth) for depth in args.sweep_depth.split(",") if depth]
@@ -800,15 +803,20 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
     print((out_dir / "README.md").read_text())
     # The learned scorer and the rerank depth come from the model's serving.json; the alpha is
     # for the blend, served when the learned scorer lost on validation or is turned off.
+    sidecar = shlex.join(sidecar_command())
+    url = _local_sidecar(settings)
     print(
-        f"serve it:    SIDECAR_RERANKER_MODEL={out_dir} SIDECAR_ALPHA={trained.serving.alpha:g} "
-        "sidecar serve"
+        f"serve it:    SIDECAR_RERANKER_MODEL={shlex.quote(str(out_dir))} "
+        f"SIDECAR_ALPHA={trained.serving.alpha:g} {sidecar} serve "
+        f"--opensearch {settings.opensearch_url} --listen-port {settings.listen_port}"
     )
     heldout = out_dir / HELDOUT_QRELS
     if heldout.exists():
         print(
-            "evaluate it: sidecar eval --modes hybrid "
-            f"--dataset {args.dataset} --index {args.index} --qrels {heldout} "
+            f"evaluate it: {sidecar} eval --url {url} --opensearch {settings.opensearch_url} "
+            "--modes hybrid "
+            f"--dataset {shlex.quote(shown_path(args.dataset))} --index {args.index} "
+            f"--qrels {shlex.quote(str(heldout))} "
             f"--candidates {args.candidates} --sweep-depth {_DEPTH_SWEEP}"
         )
     return 0

@@ -20,7 +20,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from sidecar.device import DTYPES
-from sidecar.scoring import Normalization
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_RERANKER_MODEL = "cross-encoder/ms-marco-MiniLM-L-6-v2"
@@ -37,6 +36,8 @@ RerankRuntime = Literal["auto", "torch", "onnx", "openvino"]
 # How reranked candidates get their final score: `auto` uses the learned final scorer a trained
 # model ships (serving.json) and the blend otherwise; `blend` always uses SIDECAR_ALPHA.
 FinalScorer = Literal["auto", "blend"]
+# How rerank logits become the scores users see (sidecar.scoring).
+Normalization = Literal["sigmoid", "minmax", "zscore"]
 Quantization = Literal["none", "dynamic", "static"]
 Embedding = Literal["local", "neural", "none"]
 MatchType = Literal["best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix"]

@@ -24,6 +24,7 @@ from sidecar.indexing.loader import load_corpus
 from sidecar.indexing.sample import write_sample_corpus
 from sidecar.indexing.templates import VectorOptions, create_index
 from sidecar.local_opensearch.node import LocalNode
+from sidecar.printed_commands import shown_path, sidecar_command
 from sidecar.rerank.backend import build_untrained_cross_encoder, hub_model_available
 
 if TYPE_CHECKING:
@@ -108,15 +109,6 @@ def run_demo(
     print(next_steps(settings, index, reranker, stand_in))
 
 
-def sidecar_command() -> list[str]:
-    """How to run this very `sidecar` again from the current folder: the script beside the
-    interpreter (`.venv/bin/sidecar` from a checkout: it is not on the PATH), else the module."""
-    script = Path(sys.executable).parent / "sidecar"  # not resolved: the venv's python is a link
-    if not script.is_file():
-        return [sys.executable, "-m", "sidecar"]
-    return [_shown_path(script)]
-
-
 def next_steps(settings: Settings, index: str, reranker: str, stand_in: bool) -> str:
     """The commands to go on with what the demo built, in the order they are meant to be run,
     each step a `#` comment over its command lines; README.md "After the demo" shows the same."""
@@ -163,7 +155,7 @@ def next_steps(settings: Settings, index: str, reranker: str, stand_in: bool) ->
             *sidecar,
             "train-reranker",
             "--dataset",
-            _shown_path(_TRAINING_COLLECTION) if found else "SCIFACT",
+            shown_path(_TRAINING_COLLECTION) if found else "SCIFACT",
             "--qrels",
             "qrels/train.tsv",
             "--index",
@@ -179,8 +171,8 @@ def next_steps(settings: Settings, index: str, reranker: str, stand_in: bool) ->
             (
                 "a real reranker: train one on SciFact's judgments"
                 + ("" if found else " (SCIFACT: the BEIR SciFact folder)")
-                + f" while step 1 runs ({_TRAINING_TIME}); then run step 1 again with "
-                "SIDECAR_RERANKER_MODEL=$PWD/out/reranker-scifact and the SIDECAR_ALPHA it prints",
+                + f" while step 1 runs ({_TRAINING_TIME}); then serve it instead of step 1 with "
+                'the "serve it:" line it prints',
                 [shlex.join(train)],
             )
         )
@@ -224,12 +216,6 @@ def _local_node(settings: Settings) -> _Node | None:
     node_settings = dataclasses.replace(settings.local_node, port=url.port)
     node = LocalNode(node_settings, settings.cache_dir, os.environ)
     return _Node(url.port, node.home) if node.status().running else None
-
-
-def _shown_path(path: Path) -> str:
-    """`path` as typed from the current folder: relative when that is short, else absolute."""
-    relative = os.path.relpath(path.absolute())
-    return relative if not relative.startswith("../..") else str(path.absolute())
 
 
 def _wait_ready(url: str, server: subprocess.Popen[bytes], log_path: Path) -> None:

@@ -5,12 +5,11 @@ that emits NaN is broken and the caller's fail-open policy should handle it, not
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-Normalization = Literal["sigmoid", "minmax", "zscore"]
+from sidecar.config import Normalization
 
 FloatArray = NDArray[np.float64]
 

@@ -18,11 +18,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sidecar.config import Quantization, RerankRuntime, Truncation
+from sidecar.config import Normalization, Quantization, RerankRuntime, Truncation
 from sidecar.evaluation import Qrels, evaluate_run, paired_gain, per_query_ndcg, search
 from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
 from sidecar.rerank.runtimes import available_runtimes
-from sidecar.scoring import Normalization, minmax_first_stage, rerank_order
+from sidecar.scoring import minmax_first_stage, rerank_order
 from sidecar.training.data import read_documents
 
 # Requests timed per depth (different queries, after one warm-up request).

@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sidecar.config import Normalization
 from sidecar.embedding import resolve_model_source
 from sidecar.evaluation import read_qrels, read_queries
 from sidecar.rerank.final_scorer import Serving, write_serving
-from sidecar.scoring import Normalization
 from sidecar.training import HELDOUT_QRELS
 from sidecar.training.card import write_model_card
 from sidecar.training.data import (

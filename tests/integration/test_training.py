@@ -5,12 +5,15 @@ teacher distilled into a 2-layer student."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
 import re
+import shlex
 import shutil
 from collections.abc import Iterator
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +129,7 @@ class TrainedRun:
     queries: dict[str, str]
     # The sidecar the negatives were mined through (the untrained stand-in as its reranker).
     first_stage: RunningSidecar
+    printed: str  # what the command printed
 
 
 @pytest.fixture(scope="module")
@@ -148,16 +152,25 @@ def trained(
         with running_sidecar(opensearch.url, tiny_cross_encoder, encoder) as first_stage:
             # Pre-training is this module's last test's: here the judgments alone, as before it.
             arguments = train_arguments(dataset, index, out, first_stage.url, opensearch.url)
-            assert main([*arguments, "--pseudo-queries", "0"]) == 0
-            yield TrainedRun(dataset, index, out, qrels, queries, first_stage)
+            printed = io.StringIO()
+            with redirect_stdout(printed):
+                assert main([*arguments, "--pseudo-queries", "0"]) == 0
+            yield TrainedRun(dataset, index, out, qrels, queries, first_stage, printed.getvalue())
     finally:
         opensearch.client.indices.delete(index=index, ignore_unavailable=True)
+
+
+def printed_line(printed: str, label: str) -> str:
+    """The command after `label` on the line of `printed` that starts with it."""
+    lines = [line for line in printed.splitlines() if line.startswith(label)]
+    assert len(lines) == 1, f"one {label!r} line in {printed[-2000:]}"
+    return lines[0].removeprefix(label).strip()
 
 
 def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
     opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
 ) -> None:
-    dataset, out, index = trained.dataset, trained.out, trained.index
+    out, index = trained.out, trained.index
     qrels, queries = trained.qrels, trained.queries
     assert opensearch.client.count(index=index)["count"] == len(TOPIC_WORDS) * DOCS_PER_TOPIC
 
@@ -202,6 +215,12 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
     assert alpha, "the blend weight chosen on the validation queries"
     assert 0.0 <= float(alpha.group(1)) <= 1.0
     assert not (out / "checkpoints").exists()
+    serve = shlex.split(printed_line(trained.printed, "serve it:"))
+    assert serve[0] == f"SIDECAR_RERANKER_MODEL={out.resolve()}"
+    assert serve[1] == f"SIDECAR_ALPHA={float(alpha.group(1)):g}"
+    assert Path(serve[2]).is_file()
+    assert serve[3] == "serve"
+    assert serve[serve.index("--opensearch") + 1] == opensearch.url
 
     with running_sidecar(opensearch.url, out, encoder) as served:
         answer = search(
@@ -211,24 +230,20 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
         assert len({hit["rerank_score"] for hit in answer["hits"]}) > 1, "the trained head scores"
 
         report_dir = tmp_path / "eval"
+        # The evaluation the command printed, as printed, at the sidecar serving the model here
+        # (the printed --url is the default listen port) and with the reranked mode added.
+        evaluate = shlex.split(printed_line(trained.printed, "evaluate it:"))
+        assert Path(evaluate[0]).is_file()
+        assert evaluate[1] == "eval"
+        assert evaluate[evaluate.index("--qrels") + 1] == str((out / HELDOUT_QRELS).resolve())
         assert (
             main(
                 [
-                    "eval",
-                    "--dataset",
-                    str(dataset),
-                    "--index",
-                    index,
-                    "--qrels",
-                    str(out / HELDOUT_QRELS),
+                    *evaluate[1:],
                     "--modes",
                     "hybrid,hybrid+rerank",
-                    "--candidates",
-                    str(CANDIDATES),
                     "--url",
                     served.url,
-                    "--opensearch",
-                    opensearch.url,
                     "--out",
                     str(report_dir),
                 ]

@@ -383,7 +383,8 @@ def tiny_task() -> TinyTask:
         q: (
             queries[q],
             [documents[d] for d in qrels[q]],
-            [documents[d] for d in candidates[q][:6]],
+            # A first stage's candidates hold relevant documents too; the evaluator ranks these.
+            [documents[d] for d in qrels[q]] + [documents[d] for d in candidates[q][:6]],
         )
         for q in validation_ids
     }

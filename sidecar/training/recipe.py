@@ -174,20 +174,26 @@ def train_reranker(
     else:
         train = build_examples(train_queries, documents, qrels, negatives)
         log.info("training pairs: %d; validation queries: %d", len(train), len(validation))
-        start = base
         pseudo_count = options.pseudo_queries
         if pseudo_count is None:
             pseudo_count = DEFAULT_PSEUDO_QUERIES if len(train_ids) < FEW_JUDGED_QUERIES else 0
+        pretrained = None
         if pseudo_count:
-            start, pretraining = _pretrain(
+            pretrained = _pretrain(
                 sidecar_url, index, dataset, base, pseudo_count, validation, out_dir, options
             )
-        report = train_cross_encoder(
-            start, train, validation, out_dir, fit, layers=None if pretraining else options.layers
-        )
-        if pretraining:
-            shutil.rmtree(start)
-            report = replace(report, base=base)
+        if pretrained is None:
+            report = train_cross_encoder(
+                base, train, validation, out_dir, fit, layers=options.layers
+            )
+        else:
+            folder, pretraining, before = pretrained
+            report = train_cross_encoder(
+                str(folder), train, validation, out_dir, fit, ndcg10_before=before.ndcg10_after
+            )
+            shutil.rmtree(folder)
+            # The card's "before" is the base's, as without pre-training.
+            report = replace(report, base=base, ndcg10_before=before.ndcg10_before)
     scored = score_candidates(
         out_dir,
         {q: queries[q] for q in validation},
@@ -226,17 +232,17 @@ def _pretrain(
     validation: dict[str, ValidationQuery],
     out_dir: Path,
     options: TrainOptions,
-) -> tuple[str, str | None]:
+) -> tuple[Path, str, TrainingReport] | None:
     """Pre-train `base` on up to `count` pseudo-queries from the corpus, negatives mined for each
     through the sidecar as for real queries; the model is written to OUT/pretrained, which the
-    fine-tune starts from. Returns that folder and the card's description of what was done, or
-    `base` and None when the corpus gives no pseudo-query."""
+    fine-tune starts from. Returns that folder, the card's description of what was done and the
+    pre-training's report, or None when the corpus gives no pseudo-query."""
     started = time.perf_counter()
     fit = options.fit
     pseudo, corpus = pseudo_queries(dataset / "corpus.jsonl", count, fit.seed)
     if not pseudo:
         log.info("no pseudo-queries: no document has a title or a sentence to spare")
-        return base, None
+        return None
     mined = first_stage_candidates(
         sidecar_url,
         index,
@@ -261,10 +267,14 @@ def _pretrain(
         layers=options.layers,
     )
     seconds = time.perf_counter() - started
-    return str(folder), (
-        f"{len(pseudo)} pseudo-queries ({', '.join(methods)}), {len(examples)} pairs, "
-        f"{options.negatives} first-stage negatives each, seed {fit.seed}; {seconds:.0f} s; "
-        f"validation nDCG@10 after it {pretrained.ndcg10_after:.4f}"
+    return (
+        folder,
+        (
+            f"{len(pseudo)} pseudo-queries ({', '.join(methods)}), {len(examples)} pairs, "
+            f"{options.negatives} first-stage negatives each, seed {fit.seed}; {seconds:.0f} s; "
+            f"validation nDCG@10 after it {pretrained.ndcg10_after:.4f}"
+        ),
+        pretrained,
     )
 
 

@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from sidecar.config import mask_credentials
 from sidecar.metrics import Metrics

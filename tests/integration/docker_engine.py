@@ -147,8 +147,8 @@ def local_base_image(engine: DockerEngine) -> str:
         subprocess.run(
             [debootstrap, "--variant=minbase", "bookworm", root], check=True, timeout=1200
         )
-        tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
-        engine.run("import", "-", LOCAL_BASE_IMAGE, stdin=tar.stdout, timeout_s=600)
-        if tar.wait() != 0:
+        with subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE) as tar:
+            engine.run("import", "-", LOCAL_BASE_IMAGE, stdin=tar.stdout, timeout_s=600)
+        if tar.returncode != 0:
             raise RuntimeError("tar of the debootstrap root failed")
     return LOCAL_BASE_IMAGE

@@ -354,8 +354,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--pseudo-queries",
         type=int,
+        default=0,
         help="pre-train on N pseudo-queries made from the corpus (title -> text, else first "
-        "sentence -> rest); default: 1000 when fewer than 1000 queries train, else 0 (off)",
+        "sentence -> rest) before the judgments; default 0 (off: see the README)",
     )
     train.add_argument(
         "--loss",

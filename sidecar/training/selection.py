@@ -78,6 +78,12 @@ def final_run(scored: Mapping[str, ScoredQuery], depth: int, final: FinalScores)
     return run
 
 
+def _validation_ndcg(qrels: Qrels, run: Run) -> dict[str, float]:
+    """nDCG@10 of each query of `run`: the judgments file also judges the training and held-out
+    queries, which were not scored here and must not count as misses."""
+    return per_query_ndcg({q: qrels[q] for q in run if q in qrels}, run)
+
+
 def blend_scores(alpha: float, normalization: Any) -> FinalScores:
     """The sidecar's blend of the normalized logit with the min-max first-stage score, the
     first-stage score normalized over every candidate as serving does."""
@@ -126,7 +132,7 @@ def choose_alpha(
     reranker). A reranker that knows less than the first stage gets a small weight, or 0."""
     by_alpha = {
         alpha: _mean(
-            per_query_ndcg(qrels, final_run(scored, depth, blend_scores(alpha, normalization)))
+            _validation_ndcg(qrels, final_run(scored, depth, blend_scores(alpha, normalization)))
         )
         for alpha in _ALPHAS
     }
@@ -170,7 +176,7 @@ def fit_learned_scorer(
                         query_id, scored[query_id], min(depth, len(scored[query_id].ids))
                     )
         quality = _mean(
-            per_query_ndcg(qrels, final_run(scored, deepest, _replay(out_of_fold[deepest])))
+            _validation_ndcg(qrels, final_run(scored, deepest, _replay(out_of_fold[deepest])))
         )
         if best is None or quality > best[0]:
             best = (quality, strength, out_of_fold)
@@ -221,7 +227,7 @@ def choose_serving(
     deepest = max(depths)
     blend_choice = choose_alpha(scored, qrels, normalization, deepest)
     fit = fit_learned_scorer(scored, qrels, depths, seed)
-    first_stage = per_query_ndcg(qrels, final_run(scored, 0, blend_scores(0.0, normalization)))
+    first_stage = _validation_ndcg(qrels, final_run(scored, 0, blend_scores(0.0, normalization)))
     figures: dict[str, Any] = {"queries": len(scored), "first_stage_ndcg10": _mean(first_stage)}
     by_depth: dict[str, Any] = {}
     for depth in depths:
@@ -231,7 +237,7 @@ def choose_serving(
         }
         by_depth[str(depth)] = {
             name: {
-                "ndcg10": _mean(ndcg := per_query_ndcg(qrels, run)),
+                "ndcg10": _mean(ndcg := _validation_ndcg(qrels, run)),
                 "gain": _gain_summary(paired_gain(first_stage, ndcg)),
             }
             for name, run in runs.items()

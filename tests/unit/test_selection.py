@@ -50,6 +50,17 @@ def test_no_gain_at_any_depth_records_no_depth() -> None:
     assert figures["positive_depths"] == []
 
 
+def test_judgments_of_other_queries_do_not_count_as_misses() -> None:
+    # The recipe passes the whole judgments file: training and held-out queries are judged too,
+    # but only the validation queries were scored, and only they may be averaged.
+    scored, qrels = validation_set(relevant_at=0)
+    qrels |= {f"train{number}": {f"train{number}-d0": 1} for number in range(90)}
+    _, figures = choose_serving(scored, qrels, "sigmoid", [20, 50, 100], seed=3)
+    assert figures["first_stage_ndcg10"] == 1.0
+    assert figures["depths"]["100"]["blend"]["ndcg10"] == 1.0
+    assert figures["depths"]["100"]["learned"]["gain"]["ties"] == len(scored)
+
+
 def test_the_learned_scorer_learns_where_the_reranker_is_wrong() -> None:
     # The reranker overrates what only the vector retriever found (+3), which is never
     # relevant here; the learned scorer sees which retriever found a candidate, the blend not.

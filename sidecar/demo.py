@@ -43,8 +43,8 @@ _TITLE_CHARS = 28
 # is known of the time training on it takes (README.md, "Training a domain reranker").
 _TRAINING_COLLECTION = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 _TRAINING_TIME = (
-    "the current defaults are not timed yet; README.md timed an earlier recipe, 3 epochs over 20 "
-    "candidates, at 57 min on 2 CPU cores without a GPU"
+    "42 min on 2 CPU cores without a GPU or bf16 units, and about 6 min more the first time, to "
+    "load SciFact into the node"
 )
 
 
@@ -96,11 +96,15 @@ def run_demo(
         try:
             _wait_ready(url, server, log_path)
             print(f"\nsidecar ready at {url} (log: {log_path})")
-            _compare(url, index)
+            failed_open = _compare(url, index)
         finally:
             server.terminate()
             server.wait(timeout=30)
-    if stand_in:
+    if failed_open is not None:
+        print(
+            f"\n{_FAILED_OPEN.get(failed_open, _FAILED_OPEN['model_error']).format(log=log_path)}"
+        )
+    elif stand_in:
         print(
             "\nThe reranker is the untrained stand-in: its order (right) is not meaningful "
             "relevance, the first stage's (left) is the one to trust. Step 4 below trains a real one."
@@ -254,8 +258,24 @@ def _post(command: Sequence[str]) -> dict[str, Any]:
     return answer
 
 
-def _compare(url: str, index: str) -> None:
-    """The query reranked, beside the same query's first-stage order (`"rerank": false`)."""
+# Why the right side is the first-stage order when the rerank stage failed open, by its reason.
+_FAILED_OPEN = {
+    "deadline": (
+        "The rerank stage did not finish within the request's deadline (SIDECAR_REQUEST_TIMEOUT_S, "
+        "10 s by default) and failed open: the right side is the first-stage order, not reranked. "
+        "A small or busy CPU scores 50 candidates slower than that: serve with "
+        'SIDECAR_REQUEST_TIMEOUT_S=30, or ask for fewer "candidates".'
+    ),
+    "model_error": (
+        "The rerank stage failed and the sidecar failed open: the right side is the first-stage "
+        "order, not reranked. The sidecar's log says why: {log}"
+    ),
+}
+
+
+def _compare(url: str, index: str) -> str | None:
+    """The query reranked, beside the same query's first-stage order (`"rerank": false`); the
+    reason the rerank stage failed open, if it did."""
     body = {"index": index, "query": EXAMPLE_QUERY, "k": _SHOWN_HITS, "candidates": _CANDIDATES}
     command = _curl(f"{url}/v1/search", body)
     print(f"\n$ {shlex.join(command)}")
@@ -285,6 +305,7 @@ def _compare(url: str, index: str) -> None:
             f"{_found_by(right):<8} {_number(right['score'], '.3f'):>5} "
             f"{_number(right['rerank_score'], '.2f'):>6}  {_title(right)}"
         )
+    return str(rerank["reason"]) if rerank["fail_open"] else None
 
 
 def _retrieved(source: dict[str, Any] | None, score_format: str) -> str:

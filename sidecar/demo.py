@@ -102,7 +102,10 @@ def run_demo(
             server.wait(timeout=30)
     if failed_open is not None:
         print(
-            f"\n{_FAILED_OPEN.get(failed_open, _FAILED_OPEN['model_error']).format(log=log_path)}"
+            "\n"
+            + _FAILED_OPEN.get(failed_open, _FAILED_OPEN["model_error"]).format(
+                log=log_path, timeout=settings.request_timeout_s, candidates=_CANDIDATES
+            )
         )
     elif stand_in:
         print(
@@ -262,8 +265,8 @@ def _post(command: Sequence[str]) -> dict[str, Any]:
 _FAILED_OPEN = {
     "deadline": (
         "The rerank stage did not finish within the request's deadline (SIDECAR_REQUEST_TIMEOUT_S, "
-        "10 s by default) and failed open: the right side is the first-stage order, not reranked. "
-        "A small or busy CPU scores 50 candidates slower than that: serve with "
+        "{timeout:g} s) and failed open: the right side is the first-stage order, not reranked. "
+        "A small or busy CPU scores {candidates} candidates slower than that: serve with "
         'SIDECAR_REQUEST_TIMEOUT_S=30, or ask for fewer "candidates".'
     ),
     "model_error": (

@@ -364,6 +364,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default="bce",
         help="binary cross-entropy per pair, or a listwise loss over each query's documents",
     )
+    train.add_argument(
+        "--head",
+        choices=["segment-cosine", "mean-linear"],
+        default="segment-cosine",
+        help="a plain encoder's fresh head: the query-document cosine in the joint encoding "
+        "(ranks like the bi-encoder before training), or a linear layer on the mean of all tokens",
+    )
     train.add_argument("--epochs", type=int, default=1, help="at most, with early stopping")
     train.add_argument(
         "--early-stopping-patience",
@@ -785,6 +792,7 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
             resume=args.resume,
             loss=args.loss,
             early_stopping_patience=args.early_stopping_patience or None,
+            head=args.head,
         ),
         normalization=settings.normalization,
     )

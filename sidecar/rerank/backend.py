@@ -99,16 +99,16 @@ class CrossEncoderBackend:
         cache_dir: Path | None = None,
     ) -> None:
         import torch
-        from sentence_transformers import CrossEncoder
 
         from sidecar.embedding import resolve_model_source
+        from sidecar.rerank.heads import load_saved_cross_encoder
 
         self.model_name = model
         self.device = select_device(device)
         self.runtime = select_runtime(runtime, self.device, quantization)
         torch_dtype = select_dtype(dtype, self.device) if self.runtime == "torch" else torch.float32
         source = resolve_model_source(model)
-        self._model = CrossEncoder(
+        self._model = load_saved_cross_encoder(
             source,
             device=self.device if self.runtime == "torch" else "cpu",
             revision=revision,
@@ -276,6 +276,7 @@ def build_untrained_cross_encoder(target: Path, seed: int = 0) -> Path:
 
     from sidecar.config import DEFAULT_EMBEDDING_MODEL
     from sidecar.embedding import resolve_model_source
+    from sidecar.rerank.heads import cross_encoder_from_encoder
 
     torch.manual_seed(seed)
     model = cross_encoder_from_encoder(resolve_model_source(DEFAULT_EMBEDDING_MODEL), device="cpu")
@@ -290,24 +291,3 @@ def has_relevance_head(source: str) -> bool:
 
     architectures = AutoConfig.from_pretrained(source).architectures or []
     return any(name.endswith("ForSequenceClassification") for name in architectures)
-
-
-def cross_encoder_from_encoder(
-    source: str, *, max_length: int | None = None, device: str = "cpu"
-) -> Any:
-    """A single-logit CrossEncoder on a plain encoder: the pair's token states mean-pooled, then
-    a fresh linear layer.
-
-    Mean pooling rather than the [CLS] pooler of `*ForSequenceClassification`: a bi-encoder such
-    as all-MiniLM-L6-v2 was trained through mean pooling, and a head on its [CLS] state learns
-    several times slower. sentence-transformers saves and loads this module stack as any other
-    CrossEncoder.
-    """
-    from sentence_transformers import CrossEncoder
-    from sentence_transformers.base.modules import Dense, Transformer
-    from sentence_transformers.sentence_transformer.modules import Pooling
-
-    encoder = Transformer(source, max_seq_length=max_length)
-    width = int(encoder.auto_model.config.hidden_size)
-    head = Dense(width, 1, activation_function=None, module_output_name="scores")
-    return CrossEncoder(modules=[encoder, Pooling(width, "mean"), head], device=device)

@@ -26,6 +26,7 @@ def write_model_card(
         title = f"fine-tuned from {report.base}"
         origin_rows = [
             f"| base model | `{report.base}` |",
+            *([f"| relevance head | {_HEADS[report.head]} |"] if report.head else []),
             f"| transformer layers | {report.layers} |",
             f"| training pairs | {report.train_examples} |",
             f"| loss | {_LOSSES[report.loss]} |",
@@ -99,6 +100,11 @@ _LOSSES = {
     "bce": "binary cross-entropy on the 1/0 labels",
     "listnet": "ListNet over each query's relevant documents and negatives",
     "lambda": "LambdaLoss (nDCG-weighted swaps) over each query's relevant documents and negatives",
+}
+_HEADS = {
+    "segment-cosine": "new: cosine of the query's and the document's mean token states in the "
+    "joint encoding, scaled to the training labels' log-odds before training",
+    "mean-linear": "new: a linear layer on the mean of the pair's token states",
 }
 
 

@@ -35,6 +35,7 @@ from sidecar.rerank.final_scorer import (
     read_serving,
     write_serving,
 )
+from sidecar.rerank.heads import load_saved_cross_encoder
 from sidecar.training import HELDOUT_QRELS
 from sidecar.training.data import NEGATIVES_FILE, SPLITS_FILE, build_triples, read_documents
 from sidecar.training.fit import score_margins, truncate_layers
@@ -206,6 +207,9 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
     assert "| training queries | 9 |" in card
     assert "| validation queries | 3 |" in card
     assert "| transformer layers | 6 |" in card
+    assert "| relevance head | new: cosine of the query's" in card, "the default head"
+    modules = json.loads((out / "modules.json").read_text())
+    assert modules[-1]["type"] == "sidecar.rerank.heads.SegmentCosine"
     for when in ("before (base)", "after"):
         value = re.search(rf"\| validation nDCG@10 {re.escape(when)} \| ([0-9.]+) \|", card)
         assert value, when
@@ -262,8 +266,6 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
 def test_train_reranker_distils_a_two_layer_student_that_serves_and_follows_its_teacher(
     opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
 ) -> None:
-    from sentence_transformers import CrossEncoder
-
     student_dir = tmp_path / "student"
     arguments = train_arguments(
         trained.dataset, trained.index, student_dir, trained.first_stage.url, opensearch.url
@@ -271,7 +273,7 @@ def test_train_reranker_distils_a_two_layer_student_that_serves_and_follows_its_
     arguments += ["--teacher", str(trained.out), "--layers", "2", "--epochs", STUDENT_EPOCHS]
     assert main(arguments) == 0
 
-    student = CrossEncoder(str(student_dir), device="cpu")
+    student = load_saved_cross_encoder(str(student_dir), device="cpu")
     assert student.transformers_model.config.num_hidden_layers == 2
     assert len(student.transformers_model.base_model.encoder.layer) == 2
     card = (student_dir / "README.md").read_text()
@@ -318,12 +320,12 @@ def test_train_reranker_distils_a_two_layer_student_that_serves_and_follows_its_
         trained.qrels,
         json.loads((student_dir / NEGATIVES_FILE).read_text()),
     )
-    start = CrossEncoder(str(trained.out), device="cpu", max_length=64)
+    start = load_saved_cross_encoder(str(trained.out), device="cpu", max_length=64)
     truncate_layers(start.transformers_model, 2)
     margins = {
         name: np.array(score_margins(model, triples, batch_size=8, progress=False)[0])
         for name, model in [
-            ("teacher", CrossEncoder(str(trained.out), device="cpu", max_length=64)),
+            ("teacher", load_saved_cross_encoder(str(trained.out), device="cpu", max_length=64)),
             ("start", start),
             ("student", student),
         ]

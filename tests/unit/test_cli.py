@@ -85,3 +85,16 @@ def test_url_means_the_sidecar_everywhere_else(
     assert args.sidecar_url == "http://127.0.0.1:8080"
     assert getattr(args, "opensearch_url", None) is None
     assert capsys.readouterr().err == ""
+
+
+def test_train_reranker_offers_every_head_and_defaults_to_the_fit_default() -> None:
+    from sidecar.rerank.heads import HEADS
+    from sidecar.training.fit import FitOptions
+
+    command = ["train-reranker", "--dataset", "d", "--index", "i", "--out", "o"]
+    parser = _build_parser()
+    assert parser.parse_args(command).head == FitOptions().head
+    for head in HEADS:
+        assert parser.parse_args([*command, "--head", head]).head == head
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--head", "cls-linear"])

@@ -417,8 +417,9 @@ def test_tiny_training_run_writes_a_loadable_reranker_and_a_card(
     assert report.model_bytes > 1_000_000
     assert not (out / "checkpoints").exists(), "checkpoints are removed once the model is written"
     assert report.learning_rate == 1e-4, "a fresh head's default"
+    assert report.head == "segment-cosine"
     modules = json.loads((out / "modules.json").read_text())
-    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling", "Dense"]
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "SegmentCosine"]
 
     backend = CrossEncoderBackend(str(out), device="cpu", dtype="float32")
     scores = backend.score(
@@ -438,6 +439,7 @@ def test_tiny_training_run_writes_a_loadable_reranker_and_a_card(
     assert f"{report.ndcg10_after:.4f}" in text
     assert "six hand-written topics" in text
     assert "sidecar train --epochs 1" in text
+    assert "| relevance head | new: cosine of the query's" in text
 
 
 def test_an_interrupted_run_is_refused_unless_resumed_and_then_completes(

@@ -207,9 +207,8 @@ def train_cross_encoder(
     these same queries when already measured (a pre-trained start), sparing a validation pass.
 
     A plain encoder as `base` (a bi-encoder, a base LM) gets a fresh `options.head` (seeded;
-    `cross_encoder_from_encoder`; a segment-cosine head is calibrated to `train`'s labels
-    first), and, with the mean-linear head, by default a larger learning rate than a
-    cross-encoder.
+    `cross_encoder_from_encoder`; a segment-cosine head is scaled to `train`'s labels first),
+    and by default a larger learning rate than a cross-encoder.
     The listwise losses read each query's pairs as one list, in the order given. Validation,
     early stopping, checkpoints and resuming are `_fit`'s.
 

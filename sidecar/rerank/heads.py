@@ -93,19 +93,15 @@ def cross_encoder_from_encoder(
 
     Mean pooling rather than the [CLS] pooler of `*ForSequenceClassification`: a bi-encoder such
     as all-MiniLM-L6-v2 was trained through mean pooling, and a head on its [CLS] state learns
-    several times slower. Raises ValueError for `segment-cosine` on a tokenizer without segment
-    ids (RoBERTa-like), which cannot tell the query's tokens from the document's.
+    several times slower. Raises ValueError as `check_head` does.
     """
     from sentence_transformers import CrossEncoder
 
     encoder = Transformer(source, max_seq_length=max_length)
+    check_head(source, head, encoder.tokenizer)
     width = int(encoder.auto_model.config.hidden_size)
     top: list[Module]
     if head == "segment-cosine":
-        if "token_type_ids" not in encoder.tokenizer.model_input_names:
-            raise ValueError(
-                f"{source} has no segment ids: use the mean-linear head, which any encoder takes"
-            )
         top = [SegmentCosine()]
         # sentence-transformers reads a CrossEncoder's label count from the encoder's config
         # when no Dense layer names it.
@@ -116,6 +112,23 @@ def cross_encoder_from_encoder(
             Dense(width, 1, activation_function=None, module_output_name="scores"),
         ]
     return CrossEncoder(modules=[encoder, *top], device=device)
+
+
+def check_head(source: str, head: Head, tokenizer: Any = None) -> None:
+    """Refuses `head` for the plain encoder at `source` when it cannot take it: segment-cosine on
+    a tokenizer without segment ids (RoBERTa-like), which cannot tell the query's tokens from the
+    document's. Reads only the tokenizer's files, and only when `tokenizer` is not given, so a
+    command can refuse before any other work. Raises ValueError."""
+    if head != "segment-cosine":
+        return
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    if "token_type_ids" not in tokenizer.model_input_names:
+        raise ValueError(
+            f"{source} has no segment ids: use the mean-linear head, which any encoder takes"
+        )
 
 
 def load_saved_cross_encoder(source: str, **kwargs: Any) -> Any:

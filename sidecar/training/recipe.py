@@ -71,14 +71,19 @@ class TrainOptions:
 
 def check_start(base: str, options: TrainOptions) -> None:
     """Refuses, from the models' configs alone and so before any index load or mining, a teacher
-    without the student's `layers`, a teacher that is not a cross-encoder, and `layers` that do
-    not cut the model training starts from (`check_layers`). Raises ValueError."""
+    without the student's `layers`, a teacher that is not a cross-encoder, a fresh head the base
+    cannot take (`check_head`), and `layers` that do not cut the model training starts from
+    (`check_layers`). Raises ValueError."""
     start = resolve_model_source(options.teacher or base)
     if options.teacher is not None:
         if options.layers is None:
             raise ValueError("distilling needs the student's depth: layers")
         if not is_cross_encoder(start):
             raise ValueError(f"the teacher {options.teacher!r} is not a cross-encoder")
+    elif not is_cross_encoder(start):
+        from sidecar.rerank.heads import check_head
+
+        check_head(start, options.fit.head)
     if options.layers is not None:
         check_layers(options.layers, configured_layers(start))
 

@@ -20,6 +20,8 @@ from sidecar.rerank.heads import (
     cross_encoder_from_encoder,
     load_saved_cross_encoder,
 )
+from sidecar.training.fit import FitOptions
+from sidecar.training.recipe import TrainOptions, check_start
 
 ENCODER = resolve_model_source(DEFAULT_EMBEDDING_MODEL)
 # (query, document, label): each query's first document answers it, its second does not.
@@ -121,6 +123,10 @@ def test_segment_cosine_needs_segment_ids(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no segment ids"):
         cross_encoder_from_encoder(str(encoder), head="segment-cosine")
     assert cross_encoder_from_encoder(str(encoder), head="mean-linear").num_labels == 1
+    # train-reranker refuses it up front, before any index load or mining.
+    with pytest.raises(ValueError, match="no segment ids"):
+        check_start(str(encoder), TrainOptions())
+    check_start(str(encoder), TrainOptions(fit=FitOptions(head="mean-linear")))
 
 
 def test_a_module_class_outside_the_library_and_the_sidecar_stays_refused(tmp_path: Path) -> None:

@@ -352,6 +352,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="hard negatives per query (with --teacher: per relevant document)",
     )
     train.add_argument(
+        "--negative-sampling",
+        choices=["top", "spread"],
+        default="top",
+        help="the first non-relevant candidates, or a seeded sample of all --candidates of them",
+    )
+    train.add_argument(
         "--pseudo-queries",
         type=int,
         default=0,
@@ -778,6 +784,7 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
         validation_share=args.validation_share,
         candidates=args.candidates,
         negatives=args.negatives,
+        negative_sampling=args.negative_sampling,
         pseudo_queries=args.pseudo_queries,
         teacher=args.teacher,
         layers=args.layers,

@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -52,13 +52,22 @@ def split_queries(
     return sorted(ordered[count:]), sorted(ordered[:count])
 
 
+# How a query's negatives are drawn from its non-relevant candidates: the first ones in rank order,
+# or a seeded sample over the whole depth, so the model also sees the candidates it must keep
+# below the relevant ones further down the list it will rerank.
+NegativeSampling = Literal["top", "spread"]
+
+
 def mine_negatives(
     candidates_by_query: Mapping[str, Sequence[str]],
     qrels: Mapping[str, Mapping[str, int]],
     per_query: int,
+    sampling: NegativeSampling = "top",
+    seed: int = 13,
 ) -> dict[str, list[str]]:
-    """Hard negatives per query: its first-stage candidates, in rank order, that are not judged
-    relevant (relevance > 0), at most `per_query` of them.
+    """Negatives per query, at most `per_query` of its first-stage candidates that are not judged
+    relevant (relevance > 0), in rank order: the first ones (`top`), or a sample seeded by `seed`
+    and the query id (`spread`).
 
     Documents judged 0 are kept: they are the hardest negatives there are. Unjudged candidates are
     assumed irrelevant (the usual, slightly noisy, assumption). Raises ValueError if
@@ -69,13 +78,13 @@ def mine_negatives(
     negatives: dict[str, list[str]] = {}
     for query_id, candidates in candidates_by_query.items():
         judged = qrels.get(query_id, {})
-        chosen: list[str] = []
-        for doc_id in dict.fromkeys(candidates):  # first occurrence keeps the rank order
-            if len(chosen) == per_query:
-                break
-            if judged.get(doc_id, 0) <= 0:
-                chosen.append(doc_id)
-        negatives[query_id] = chosen
+        # dict.fromkeys: the first occurrence keeps the rank order.
+        pool = [doc for doc in dict.fromkeys(candidates) if judged.get(doc, 0) <= 0]
+        if sampling == "top" or len(pool) <= per_query:
+            negatives[query_id] = pool[:per_query]
+        else:
+            drawn = random.Random(f"{seed}:{query_id}").sample(range(len(pool)), per_query)
+            negatives[query_id] = [pool[i] for i in sorted(drawn)]
     return negatives
 
 

@@ -18,6 +18,7 @@ from sidecar.training.card import write_model_card
 from sidecar.training.data import (
     NEGATIVES_FILE,
     SPLITS_FILE,
+    NegativeSampling,
     ValidationQuery,
     build_examples,
     build_triples,
@@ -56,6 +57,7 @@ class TrainOptions:
     candidates: int = 100
     # Per training query; distilling, per relevant document of it.
     negatives: int = 4
+    negative_sampling: NegativeSampling = "top"
     # Pseudo-queries from the corpus to pre-train on (`data.pseudo_queries`); 0, the default, is
     # off: on SciFact's validation queries, pre-training a fresh head on 1,000 title pseudo-queries
     # left it at the label prior (loss at the labels' entropy), half what the judgments teach.
@@ -145,7 +147,11 @@ def train_reranker(
     wanted |= {doc for q in candidates for doc, rel in qrels[q].items() if rel > 0}
     documents = read_documents(dataset / "corpus.jsonl", wanted)
     negatives = mine_negatives(
-        {q: list(candidates[q]) for q in train_ids}, qrels, options.negatives
+        {q: list(candidates[q]) for q in train_ids},
+        qrels,
+        options.negatives,
+        options.negative_sampling,
+        fit.seed,
     )
     # What each query was trained against, to audit the negatives later.
     (out_dir / NEGATIVES_FILE).write_text(json.dumps(negatives, indent=1) + "\n")
@@ -160,8 +166,9 @@ def train_reranker(
             ]  # the depth served
             validation[query_id] = (queries[query_id], relevant, ranked)
     train_queries = {q: queries[q] for q in train_ids}
+    drawn = "the top" if options.negative_sampling == "top" else "a seeded sample of"
     negatives_described = (
-        f"the top {options.negatives} of {options.candidates} hybrid first-stage candidates "
+        f"{drawn} {options.negatives} of {options.candidates} hybrid first-stage candidates "
         f"(index `{index}`) not judged relevant"
     )
     pretraining: str | None = None

@@ -98,3 +98,20 @@ def test_train_reranker_offers_every_head_and_defaults_to_the_fit_default() -> N
         assert parser.parse_args([*command, "--head", head]).head == head
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--head", "cls-linear"])
+
+
+def test_train_reranker_offers_every_negative_sampling_and_defaults_to_the_recipe_default() -> None:
+    from typing import get_args
+
+    from sidecar.training.data import NegativeSampling
+    from sidecar.training.recipe import TrainOptions
+
+    command = ["train-reranker", "--dataset", "d", "--index", "i", "--out", "o"]
+    parser = _build_parser()
+    assert parser.parse_args(command).negative_sampling == TrainOptions().negative_sampling
+    for sampling in get_args(NegativeSampling):
+        assert parser.parse_args([*command, "--negative-sampling", sampling]).negative_sampling == (
+            sampling
+        )
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--negative-sampling", "random"])

@@ -23,6 +23,7 @@ from sidecar.rerank.final_scorer import Signals
 from sidecar.training.card import write_model_card
 from sidecar.training.data import (
     Example,
+    NegativeSampling,
     ValidationQuery,
     build_examples,
     build_triples,
@@ -79,9 +80,12 @@ CANDIDATES = {
 }
 
 
+@pytest.mark.parametrize("sampling", ["top", "spread"])
 @pytest.mark.parametrize("per_query", [0, 1, 2, 3, 10])
-def test_negatives_are_never_judged_relevant_and_keep_rank_order(per_query: int) -> None:
-    negatives = mine_negatives(CANDIDATES, QRELS, per_query)
+def test_negatives_are_never_judged_relevant_and_keep_rank_order(
+    per_query: int, sampling: NegativeSampling
+) -> None:
+    negatives = mine_negatives(CANDIDATES, QRELS, per_query, sampling)
     assert set(negatives) == set(CANDIDATES)
     for query_id, chosen in negatives.items():
         judged = QRELS.get(query_id, {})
@@ -95,6 +99,22 @@ def test_negatives_are_never_judged_relevant_and_keep_rank_order(per_query: int)
 def test_negatives_take_the_top_unjudged_or_zero_judged_candidates() -> None:
     negatives = mine_negatives(CANDIDATES, QRELS, per_query=2)
     assert negatives == {"q1": ["d3", "d4"], "q2": ["d6", "d4"], "q3": [], "q4": ["d1", "d2"]}
+
+
+def test_spread_negatives_are_a_seeded_sample_over_the_whole_depth() -> None:
+    ranked = {f"q{i}": [f"d{rank}" for rank in range(100)] for i in range(20)}
+    qrels = {query: {"d0": 1, "d50": 2} for query in ranked}
+    negatives = mine_negatives(ranked, qrels, 4, "spread", seed=13)
+    assert negatives == mine_negatives(ranked, qrels, 4, "spread", seed=13)
+    assert negatives != mine_negatives(ranked, qrels, 4, "spread", seed=14)
+    ranks = [int(doc[1:]) for chosen in negatives.values() for doc in chosen]
+    assert len(ranks) == 80
+    assert not {0, 50} & set(ranks)
+    # Drawn over the whole list: the top four alone would never reach rank 5.
+    assert sum(rank >= 50 for rank in ranks) >= 20
+    # Queries draw apart, and fewer candidates than asked gives them all.
+    assert len({tuple(chosen) for chosen in negatives.values()}) > 1
+    assert mine_negatives(CANDIDATES, QRELS, 10, "spread") == mine_negatives(CANDIDATES, QRELS, 10)
 
 
 def test_negatives_reject_a_negative_count() -> None:

@@ -116,12 +116,8 @@ def _serving_rows(serving: Serving, figures: Mapping[str, Any]) -> tuple[list[st
         f"| final scorer served (`{SERVING_FILE}`) | "
         + ("learned (logistic regression, below)" if serving.final_scorer else "the blend")
         + " |",
-        "| default rerank depth served | "
-        + (
-            str(serving.rerank_depth)
-            if serving.rerank_depth
-            else "every candidate (no depth gained)"
-        )
+        f"| default rerank depth served | {serving.rerank_depth}"
+        + ("" if figures["gained"] else " (no depth gained: the shallowest validated)")
         + " |",
         f"| depths whose validation gain's 95% CI is above 0 | "
         f"{', '.join(map(str, figures['positive_depths'])) or 'none'} |",
@@ -129,7 +125,8 @@ def _serving_rows(serving: Serving, figures: Mapping[str, Any]) -> tuple[list[st
     text = [
         "",
         f"Validation nDCG@10 by rerank depth ({figures['queries']} queries; first stage "
-        f"{figures['first_stage_ndcg10']:.4f}; the learned scorer out of fold, "
+        f"{figures['first_stage_ndcg10']:.4f}; both scorers judged out of fold, the blend at "
+        "the weight chosen on the other folds, "
         f"{len(figures['depths'])} depths):",
         "",
         "| depth | blend nDCG@10 | gain (95% CI) | learned nDCG@10 | gain (95% CI) |",

@@ -5,6 +5,7 @@ score, the rest below them in first-stage order."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from sidecar.evaluation import Qrels, Run, knee_depth, paired_gain, per_query_nd
 from sidecar.rerank.final_scorer import LearnedScorer, Serving, Signals, feature_rows
 from sidecar.scoring import FloatArray, best_first, blend, minmax_first_stage, normalize_scores
 from sidecar.training.data import Candidates
+
+log = logging.getLogger(__name__)
 
 # The rerank depths validated, as the sidecar's depth sweep and the model card report them.
 DEPTHS = (20, 50, 100)
@@ -158,23 +161,10 @@ def fit_learned_scorer(
     `depths`, labelled judged relevant or not. The regularization is the one whose out-of-fold
     nDCG@10 at that depth is best, over `_FOLDS` folds of whole queries (seeded), so a query's
     candidates are never both fitted on and judged."""
-    queries = sorted(scored)
-    random.Random(seed).shuffle(queries)
-    folds = [queries[start::_FOLDS] for start in range(min(_FOLDS, len(queries)))]
     deepest = max(depths)
     best: tuple[float, float, dict[int, dict[str, Sequence[float]]]] | None = None
     for strength in _REGULARIZATION:
-        out_of_fold: dict[int, dict[str, Sequence[float]]] = {depth: {} for depth in depths}
-        for fold in folds:
-            held = set(fold)
-            scorer = _fit_logistic(
-                {q: scored[q] for q in queries if q not in held}, qrels, deepest, strength
-            )
-            for depth in depths:
-                for query_id in fold:
-                    out_of_fold[depth][query_id] = learned_scores(scorer)(
-                        query_id, scored[query_id], min(depth, len(scored[query_id].ids))
-                    )
+        out_of_fold = _out_of_fold(scored, depths, seed, _learned_fitter(qrels, deepest, strength))
         quality = _mean(
             _validation_ndcg(qrels, final_run(scored, deepest, _replay(out_of_fold[deepest])))
         )
@@ -183,6 +173,57 @@ def fit_learned_scorer(
     assert best is not None  # _REGULARIZATION is not empty
     _, strength, out_of_fold = best
     return LearnedFit(_fit_logistic(scored, qrels, deepest, strength), strength, out_of_fold)
+
+
+def _learned_fitter(
+    qrels: Qrels, depth: int, strength: float
+) -> Callable[[Mapping[str, ScoredQuery]], FinalScores]:
+    """Fits the learned scorer at one regularization strength, bound here rather than in a loop."""
+    return lambda fitted: learned_scores(_fit_logistic(fitted, qrels, depth, strength))
+
+
+def blend_out_of_fold(
+    scored: Mapping[str, ScoredQuery],
+    qrels: Qrels,
+    normalization: Any,
+    depths: Sequence[int],
+    seed: int,
+) -> dict[int, dict[str, Sequence[float]]]:
+    """Each query's blend scores by depth at the alpha chosen on the other folds (at the largest
+    depth): the blend judged as the learned scorer is, on queries its weight was not chosen on.
+    A weight chosen and judged on the same few dozen queries overstates its gain."""
+    deepest = max(depths)
+    return _out_of_fold(
+        scored,
+        depths,
+        seed,
+        lambda fitted: blend_scores(
+            choose_alpha(fitted, qrels, normalization, deepest).alpha, normalization
+        ),
+    )
+
+
+def _out_of_fold(
+    scored: Mapping[str, ScoredQuery],
+    depths: Sequence[int],
+    seed: int,
+    fit: Callable[[Mapping[str, ScoredQuery]], FinalScores],
+) -> dict[int, dict[str, Sequence[float]]]:
+    """Depth to query to final scores, each query scored by what `fit` made of the queries of the
+    other `_FOLDS` folds (whole queries, by a seeded shuffle of the sorted ids)."""
+    queries = sorted(scored)
+    random.Random(seed).shuffle(queries)
+    folds = [queries[start::_FOLDS] for start in range(min(_FOLDS, len(queries)))]
+    out_of_fold: dict[int, dict[str, Sequence[float]]] = {depth: {} for depth in depths}
+    for fold in folds:
+        held = set(fold)
+        final = fit({q: scored[q] for q in queries if q not in held})
+        for depth in depths:
+            for query_id in fold:
+                out_of_fold[depth][query_id] = final(
+                    query_id, scored[query_id], min(depth, len(scored[query_id].ids))
+                )
+    return out_of_fold
 
 
 def _fit_logistic(
@@ -220,19 +261,22 @@ def choose_serving(
     seed: int,
 ) -> tuple[Serving, dict[str, Any]]:
     """The serving choices, and the validation figures they rest on: at each depth, nDCG@10 of
-    the first stage, the blend at the chosen alpha and the learned scorer (out of fold), each gain
-    over the first stage with its paired 95% CI. The learned scorer is chosen when its nDCG@10
-    at the largest depth beats the blend's; the recorded rerank depth is the chosen scorer's
-    knee (the shallowest depth with 90% of its largest gain), None when no depth gains."""
+    the first stage, the blend and the learned scorer, both judged out of fold, each gain over the
+    first stage with its paired 95% CI. The learned scorer is chosen when the lower end of its
+    gain's CI at the largest depth is above the blend's; the blend served has the alpha chosen on every validation
+    query. The recorded rerank depth is the chosen scorer's knee (the shallowest depth with 90% of
+    its largest gain) or, when no depth gains, the shallowest depth: where a reranker that does
+    not help costs and changes the least."""
     deepest = max(depths)
     blend_choice = choose_alpha(scored, qrels, normalization, deepest)
+    blend_judged = blend_out_of_fold(scored, qrels, normalization, depths, seed)
     fit = fit_learned_scorer(scored, qrels, depths, seed)
     first_stage = _validation_ndcg(qrels, final_run(scored, 0, blend_scores(0.0, normalization)))
     figures: dict[str, Any] = {"queries": len(scored), "first_stage_ndcg10": _mean(first_stage)}
     by_depth: dict[str, Any] = {}
     for depth in depths:
         runs = {
-            "blend": final_run(scored, depth, blend_scores(blend_choice.alpha, normalization)),
+            "blend": final_run(scored, depth, _replay(blend_judged[depth])),
             "learned": final_run(scored, depth, _replay(fit.out_of_fold[depth])),
         }
         by_depth[str(depth)] = {
@@ -242,11 +286,10 @@ def choose_serving(
             }
             for name, run in runs.items()
         }
-    learned_wins = (
-        by_depth[str(deepest)]["learned"]["ndcg10"] > by_depth[str(deepest)]["blend"]["ndcg10"]
-    )
-    chosen = "learned" if learned_wins else "blend"
+    chosen = surer_scorer(by_depth[str(deepest)])
+    learned_wins = chosen == "learned"
     gains = {depth: by_depth[str(depth)][chosen]["gain"]["mean"] for depth in depths}
+    knee = knee_depth(gains)
     figures.update(
         {
             "alpha": blend_choice.alpha,
@@ -254,17 +297,32 @@ def choose_serving(
             "learned_regularization": fit.regularization,
             "depths": by_depth,
             "final_scorer": chosen,
+            "gained": knee is not None,
             "positive_depths": [
                 depth for depth in depths if by_depth[str(depth)][chosen]["gain"]["ci95"][0] > 0
             ],
         }
     )
+    if knee is None:
+        log.warning(
+            "no rerank depth gained on the validation queries: recording the shallowest, %d",
+            min(depths),
+        )
     serving = Serving(
-        rerank_depth=knee_depth(gains),
+        rerank_depth=min(depths) if knee is None else knee,
         final_scorer=fit.scorer if learned_wins else None,
         alpha=blend_choice.alpha,
     )
     return serving, figures
+
+
+def surer_scorer(entry: Mapping[str, Any]) -> str:
+    """Of the blend and the learned scorer (`entry`: name to its nDCG@10 and gain summary at one
+    depth), the one whose gain's CI reaches lower; the blend on a tie. The surer gain, not the
+    larger mean: a few dozen validation queries leave wide intervals, and the scorer is served to
+    queries it has not seen."""
+    lower = {name: entry[name]["gain"]["ci95"][0] for name in ("blend", "learned")}
+    return "learned" if lower["learned"] > lower["blend"] else "blend"
 
 
 def _gain_summary(gain: Mapping[str, Any]) -> dict[str, Any]:

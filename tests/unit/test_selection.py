@@ -8,7 +8,14 @@ from pathlib import Path
 from sidecar.indexing.corpus import Document
 from sidecar.rerank.final_scorer import Signals
 from sidecar.training.data import pseudo_examples, pseudo_queries
-from sidecar.training.selection import ScoredQuery, choose_serving, final_run, fit_learned_scorer
+from sidecar.training.selection import (
+    ScoredQuery,
+    choose_alpha,
+    choose_serving,
+    final_run,
+    fit_learned_scorer,
+    surer_scorer,
+)
 
 
 def validation_set(relevant_at: int, queries: int = 30, seed: int = 1) -> tuple[dict, dict]:
@@ -42,12 +49,35 @@ def test_the_recorded_depth_is_the_shallowest_that_reaches_the_relevant_document
     assert figures["first_stage_ndcg10"] == 0.0
 
 
-def test_no_gain_at_any_depth_records_no_depth() -> None:
+def test_no_gain_at_any_depth_records_the_shallowest_depth() -> None:
     scored, qrels = validation_set(relevant_at=0)
     serving, figures = choose_serving(scored, qrels, "sigmoid", [20, 50, 100], seed=3)
     assert figures["first_stage_ndcg10"] == 1.0
-    assert serving.rerank_depth is None
+    assert serving.rerank_depth == 20, "not every candidate: the least cost where nothing gains"
+    assert figures["gained"] is False
     assert figures["positive_depths"] == []
+
+
+def test_the_blend_is_judged_on_queries_its_weight_was_not_chosen_on() -> None:
+    # A weak reranker (its relevant documents +2.5 over unit noise): the weight chosen on all the
+    # queries also fits their noise, so judged on those same queries the blend looks better than
+    # on queries it was not chosen on, as the figures judge it.
+    rng = random.Random(0)
+    scored, qrels = {}, {}
+    for number in range(20):
+        ids = [f"q{number}-d{p}" for p in range(100)]
+        signals = [Signals(1.0 - p / 100, (p + 1, 5.0), None, 100) for p in range(100)]
+        relevant = rng.sample(range(30), 2)
+        logits = [rng.gauss(0.0, 1.0) for _ in ids]
+        for position in relevant:
+            logits[position] += 2.5
+        scored[f"q{number}"] = ScoredQuery(ids, signals, logits)
+        qrels[f"q{number}"] = {ids[p]: 1 for p in relevant}
+    serving, figures = choose_serving(scored, qrels, "sigmoid", [20, 50, 100], seed=0)
+    in_sample = choose_alpha(scored, qrels, "sigmoid", 100)
+    assert serving.alpha == in_sample.alpha, "the weight served is chosen on every query"
+    judged = figures["depths"]["100"]["blend"]["ndcg10"]
+    assert figures["first_stage_ndcg10"] < judged < in_sample.ndcg10
 
 
 def test_judgments_of_other_queries_do_not_count_as_misses() -> None:
@@ -85,6 +115,19 @@ def test_the_learned_scorer_learns_where_the_reranker_is_wrong() -> None:
     assert figures["final_scorer"] == "learned"
     assert serving.final_scorer is not None
     assert json.dumps(figures), "the figures go into serving.json"
+
+
+def test_the_scorer_served_is_the_one_whose_gain_is_surer() -> None:
+    def entry(blend: tuple[float, float], learned: tuple[float, float]) -> dict:
+        return {
+            name: {"gain": {"mean": (low + high) / 2, "ci95": [low, high]}}
+            for name, (low, high) in {"blend": blend, "learned": learned}.items()
+        }
+
+    # The blend's larger mean rests on a wider interval that reaches below zero.
+    assert surer_scorer(entry(blend=(-0.002, 0.057), learned=(0.0003, 0.032))) == "learned"
+    assert surer_scorer(entry(blend=(0.03, 0.08), learned=(0.01, 0.09))) == "blend"
+    assert surer_scorer(entry(blend=(0.01, 0.02), learned=(0.01, 0.05))) == "blend", "a tie"
 
 
 def test_the_final_run_keeps_candidates_past_the_depth_in_first_stage_order() -> None:

@@ -262,8 +262,8 @@ def choose_serving(
 ) -> tuple[Serving, dict[str, Any]]:
     """The serving choices, and the validation figures they rest on: at each depth, nDCG@10 of
     the first stage, the blend and the learned scorer, both judged out of fold, each gain over the
-    first stage with its paired 95% CI. The learned scorer is chosen when the lower end of its
-    gain's CI at the largest depth is above the blend's; the blend served has the alpha chosen on every validation
+    first stage with its paired 95% CI. The learned scorer is served when its gain is surer at the
+    largest depth (`surer_scorer`); the blend served has the alpha chosen on every validation
     query. The recorded rerank depth is the chosen scorer's knee (the shallowest depth with 90% of
     its largest gain) or, when no depth gains, the shallowest depth: where a reranker that does
     not help costs and changes the least."""

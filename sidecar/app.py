@@ -289,6 +289,13 @@ def model_serving(settings: Settings) -> tuple[Settings, LearnedScorer | None]:
     if settings.rerank_depth is None and serving.rerank_depth is not None:
         settings = replace(settings, rerank_depth=serving.rerank_depth)
     scorer = serving.final_scorer if settings.final_scorer == "auto" else None
+    if serving.gained is False:
+        log.warning(
+            "the reranker gained nothing over the first stage on its validation queries "
+            "(serving.json, which records the shallowest validated depth for it): measure it on "
+            "your own queries with `sidecar eval` before relying on it",
+            extra={"reranker_model": settings.reranker_model},
+        )
     log.info(
         "reranker serving choices",
         extra={

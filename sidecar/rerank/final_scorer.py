@@ -157,6 +157,9 @@ class Serving:
     rerank_depth: int | None  # the default rerank depth; None: rerank every candidate
     final_scorer: LearnedScorer | None  # None: the blend (SIDECAR_ALPHA)
     alpha: float  # the blend weight chosen with it, for the card and `serve`'s hint
+    # Whether any depth gained over the first stage on the validation queries; None: not
+    # recorded (a file written before it was, or by hand).
+    gained: bool | None = None
 
 
 def read_serving(model_dir: Path) -> Serving | None:
@@ -175,10 +178,14 @@ def read_serving(model_dir: Path) -> Serving | None:
             )
         scorer = entry.get("final_scorer")
         depth = entry.get("rerank_depth")
+        gained = entry.get("gained")
+        if gained is not None and not isinstance(gained, bool):
+            raise ServingFileError(f"{path}: gained is {gained!r}, not true or false")
         return Serving(
             rerank_depth=None if depth is None else int(depth),
             final_scorer=None if scorer is None else LearnedScorer.from_json(scorer),
             alpha=float(entry["alpha"]),
+            gained=gained,
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         if isinstance(error, ServingFileError):
@@ -193,6 +200,7 @@ def write_serving(model_dir: Path, serving: Serving, validation: Mapping[str, An
         "version": SERVING_VERSION,
         "rerank_depth": serving.rerank_depth,
         "alpha": serving.alpha,
+        "gained": serving.gained,
         "final_scorer": None if serving.final_scorer is None else serving.final_scorer.to_json(),
         "validation": validation,
     }

@@ -297,7 +297,6 @@ def choose_serving(
             "learned_regularization": fit.regularization,
             "depths": by_depth,
             "final_scorer": chosen,
-            "gained": knee is not None,
             "positive_depths": [
                 depth for depth in depths if by_depth[str(depth)][chosen]["gain"]["ci95"][0] > 0
             ],
@@ -312,6 +311,7 @@ def choose_serving(
         rerank_depth=min(depths) if knee is None else knee,
         final_scorer=fit.scorer if learned_wins else None,
         alpha=blend_choice.alpha,
+        gained=knee is not None,
     )
     return serving, figures
 

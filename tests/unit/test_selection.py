@@ -54,7 +54,7 @@ def test_no_gain_at_any_depth_records_the_shallowest_depth() -> None:
     serving, figures = choose_serving(scored, qrels, "sigmoid", [20, 50, 100], seed=3)
     assert figures["first_stage_ndcg10"] == 1.0
     assert serving.rerank_depth == 20, "not every candidate: the least cost where nothing gains"
-    assert figures["gained"] is False
+    assert serving.gained is False
     assert figures["positive_depths"] == []
 
 

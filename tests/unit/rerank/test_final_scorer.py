@@ -2,12 +2,15 @@
 and which files it accepts."""
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sidecar.app import model_serving
+from sidecar.config import Settings
 from sidecar.rerank.final_scorer import (
     FEATURES,
     LearnedScorer,
@@ -67,6 +70,29 @@ def test_serving_json_round_trips(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "serving.json").read_text())["validation"] == {"queries": 3}
 
 
+def test_whether_validation_gained_round_trips(tmp_path: Path) -> None:
+    for gained in (True, False):
+        written = Serving(rerank_depth=20, final_scorer=None, alpha=0.5, gained=gained)
+        write_serving(tmp_path, written, {})
+        assert read_serving(tmp_path) == written
+
+
+def test_serve_warns_of_a_model_that_gained_nothing_on_validation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings.from_env({"SIDECAR_RERANKER_MODEL": str(tmp_path)})
+    for gained, warned in ((True, False), (None, False), (False, True)):
+        write_serving(tmp_path, Serving(20, None, 0.5, gained=gained), {})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sidecar.app"):
+            served, _ = model_serving(settings)
+        assert served.rerank_depth == 20
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert bool(warnings) is warned, gained
+        if warned:
+            assert "gained nothing" in warnings[0].getMessage()
+
+
 def test_a_model_without_serving_json_has_no_serving_choices(tmp_path: Path) -> None:
     assert read_serving(tmp_path) is None
 
@@ -79,6 +105,7 @@ def test_a_model_without_serving_json_has_no_serving_choices(tmp_path: Path) -> 
         ({"final_scorer": {**scorer().to_json(), "features": ["rerank_logit"]}}, "features"),
         ({"final_scorer": {**scorer().to_json(), "scale": [0.0] * len(FEATURES)}}, "do not fit"),
         ({"alpha": None}, "serving.json"),
+        ({"gained": "yes"}, "gained is 'yes'"),
     ],
 )
 def test_a_serving_file_this_sidecar_cannot_use_is_refused(

@@ -8,9 +8,9 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -55,7 +55,8 @@ def create_app(
     benchmarks); otherwise both are loaded, and the cross-encoder warmed up, before serving.
     Bi-encoders that index profiles name are loaded too, and every profile configured for an
     existing index is checked against its mapping (SettingsError when they disagree)."""
-    settings, final_scorer = model_serving(settings)
+    served = model_serving(settings)
+    settings, final_scorer = served.settings, served.final_scorer
     app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
     metrics_registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(metrics_registry)
@@ -159,6 +160,11 @@ def create_app(
                 device=reranker_backend.device,
                 dtype=reranker_backend.dtype,
                 embedding_model=query_encoder.model_name,
+            ).set(1)
+            metrics.reranker_serving.labels(
+                final_scorer="blend" if final_scorer is None else "learned",
+                rerank_depth=str(settings.rerank_depth or "all"),
+                validation=served.validation,
             ).set(1)
             pipeline = app[SERVICES].pipeline
             metrics.track_gauges(
@@ -272,7 +278,22 @@ def _load_encoder(settings: Settings, model: str) -> BiEncoder:
     )
 
 
-def model_serving(settings: Settings) -> tuple[Settings, LearnedScorer | None]:
+# What a model's serving.json says of its validation queries (`unrecorded`: no file, or an older
+# one), by its `gained`.
+Validation = Literal["gained", "no_gain", "unrecorded"]
+_VALIDATION: dict[bool | None, Validation] = {True: "gained", False: "no_gain", None: "unrecorded"}
+
+
+@dataclass(frozen=True)
+class ModelServing:
+    """How the configured reranker is served, after its serving.json."""
+
+    settings: Settings  # with the model's recorded rerank depth where the operator set none
+    final_scorer: LearnedScorer | None  # None: the blend
+    validation: Validation
+
+
+def model_serving(settings: Settings) -> ModelServing:
     """The settings with the reranker's recorded serving choices applied where the operator made
     none (its rerank depth), and its learned final scorer unless `final_scorer` is `blend`.
 
@@ -285,7 +306,7 @@ def model_serving(settings: Settings) -> tuple[Settings, LearnedScorer | None]:
     except ServingFileError as error:
         raise SettingsError(f"reranker: {error}") from None
     if serving is None:
-        return settings, None
+        return ModelServing(settings, None, "unrecorded")
     if settings.rerank_depth is None and serving.rerank_depth is not None:
         settings = replace(settings, rerank_depth=serving.rerank_depth)
     scorer = serving.final_scorer if settings.final_scorer == "auto" else None
@@ -303,7 +324,7 @@ def model_serving(settings: Settings) -> tuple[Settings, LearnedScorer | None]:
             "final_scorer": "learned" if scorer is not None else f"blend alpha {settings.alpha:g}",
         },
     )
-    return settings, scorer
+    return ModelServing(settings, scorer, _VALIDATION[serving.gained])
 
 
 def load_cross_encoder(settings: Settings) -> CrossEncoderBackend:

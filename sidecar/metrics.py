@@ -253,6 +253,13 @@ class Metrics:
             ["version", "reranker", "device", "dtype", "embedding_model"],
             registry=registry,
         )
+        self.reranker_serving = Gauge(
+            "sidecar_reranker_serving_info",
+            "Always 1; the labels say how the reranker's scores are served: the final scorer, "
+            "the default rerank depth, and whether the model gained on its validation queries.",
+            ["final_scorer", "rerank_depth", "validation"],
+            registry=registry,
+        )
         self.gpu_memory = Gauge(
             "sidecar_gpu_memory_bytes",
             "CUDA memory allocated by torch (absent without CUDA).",

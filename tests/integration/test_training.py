@@ -12,6 +12,7 @@ import random
 import re
 import shlex
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -388,6 +389,12 @@ def test_pseudo_query_pretraining_a_listwise_loss_and_early_stopping_train_and_s
         assert [bool(hit.get("below_depth")) for hit in hits[:4]] == [False, False, False, True]
         expected = 1 / (1 + math.exp(20.0 * math.log1p(1)))
         assert hits[1]["score"] == pytest.approx(expected)
+        with urllib.request.urlopen(f"{served.url}/metrics") as response:
+            exported = response.read().decode()
+        assert (
+            'sidecar_reranker_serving_info{final_scorer="learned",rerank_depth="3",'
+            'validation="unrecorded"} 1.0'
+        ) in exported, "a file written without `gained` says nothing of its validation"
     with running_sidecar(opensearch.url, out, encoder, final_scorer="blend") as served:
         hit = search(served.url, body)["hits"][0]
         assert hit["score"] == pytest.approx(1 / (1 + math.exp(-hit["rerank_score"])))

@@ -30,7 +30,13 @@ HISTOGRAMS = (
     "rerank_inference_seconds",
     "upstream_duration_seconds",
 )
-GAUGES = ("inflight_requests", "rerank_queue_depth", "build_info", "gpu_memory_bytes")
+GAUGES = (
+    "inflight_requests",
+    "rerank_queue_depth",
+    "build_info",
+    "reranker_serving_info",
+    "gpu_memory_bytes",
+)
 # Every series name the sidecar exports: counters as `_total`, histograms as their three series.
 EXPORTED_SERIES = frozenset(
     [f"sidecar_{name}_total" for name in COUNTERS]

@@ -77,7 +77,7 @@ def test_whether_validation_gained_round_trips(tmp_path: Path) -> None:
         assert read_serving(tmp_path) == written
 
 
-def test_serve_warns_of_a_model_that_gained_nothing_on_validation(
+def test_serve_warns_of_and_reports_a_model_that_gained_nothing_on_validation(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings.from_env({"SIDECAR_RERANKER_MODEL": str(tmp_path)})
@@ -85,8 +85,9 @@ def test_serve_warns_of_a_model_that_gained_nothing_on_validation(
         write_serving(tmp_path, Serving(20, None, 0.5, gained=gained), {})
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sidecar.app"):
-            served, _ = model_serving(settings)
-        assert served.rerank_depth == 20
+            served = model_serving(settings)
+        assert served.settings.rerank_depth == 20
+        assert served.validation == {True: "gained", False: "no_gain", None: "unrecorded"}[gained]
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert bool(warnings) is warned, gained
         if warned:

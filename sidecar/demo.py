@@ -34,6 +34,9 @@ EXAMPLE_QUERY = "how do I make sure cleanup code runs even when an error is rais
 # The line that opens the block of commands to go on with (the integration test reads after it).
 NEXT_STEPS = "Go on from here"
 _READY_TIMEOUT_S = 300.0
+# The request budget the printed serve step asks for when the demo's own rerank ran out of the
+# default one: a small or busy CPU scores the demo's candidates slower than that.
+_SLOW_CPU_REQUEST_TIMEOUT_S = 30
 _SHOWN_HITS = 5
 # Candidates reranked per query: 100 (the default) take longer than the 10 s request budget on a
 # 2-core CPU on the first requests, which would then fail open to the first-stage order.
@@ -98,13 +101,15 @@ def run_demo(
             print(f"\nsidecar ready at {url} (log: {log_path})")
             failed_open = _compare(url, index)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            _stop(server, settings.shutdown_grace_s, log_path)
     if failed_open is not None:
         print(
             "\n"
             + _FAILED_OPEN.get(failed_open, _FAILED_OPEN["model_error"]).format(
-                log=log_path, timeout=settings.request_timeout_s, candidates=_CANDIDATES
+                log=log_path,
+                timeout=settings.request_timeout_s,
+                candidates=_CANDIDATES,
+                slow_cpu_timeout=_SLOW_CPU_REQUEST_TIMEOUT_S,
             )
         )
     elif stand_in:
@@ -113,12 +118,17 @@ def run_demo(
             "relevance, the first stage's (left) is the one to trust. Step 4 below trains a real one."
         )
     print("\nsidecar stopped.")
-    print(next_steps(settings, index, reranker, stand_in))
+    slow_cpu = failed_open == "deadline"
+    print(next_steps(settings, index, reranker, stand_in, slow_cpu))
 
 
-def next_steps(settings: Settings, index: str, reranker: str, stand_in: bool) -> str:
+def next_steps(
+    settings: Settings, index: str, reranker: str, stand_in: bool, slow_cpu: bool = False
+) -> str:
     """The commands to go on with what the demo built, in the order they are meant to be run,
-    each step a `#` comment over its command lines; README.md "After the demo" shows the same."""
+    each step a `#` comment over its command lines; README.md "After the demo" shows the same.
+    `slow_cpu` (the demo's rerank ran out of the request budget here) gives the serve step a
+    larger budget, so that its searches are reranked on this machine as printed."""
     sidecar = sidecar_command()
     upstream = settings.opensearch_url
     url = f"http://{settings.listen_host}:{settings.listen_port}"
@@ -137,11 +147,14 @@ def next_steps(settings: Settings, index: str, reranker: str, stand_in: bool) ->
         "--listen-port",
         str(settings.listen_port),
     ]
+    serve_settings = f"SIDECAR_RERANKER_MODEL={shlex.quote(reranker)} " + (
+        f"SIDECAR_REQUEST_TIMEOUT_S={_SLOW_CPU_REQUEST_TIMEOUT_S} " if slow_cpu else ""
+    )
     steps = [
         (
             "serve the sidecar with the demo's reranker, in front of the demo's OpenSearch "
             "(Ctrl-C stops it)",
-            [f"SIDECAR_RERANKER_MODEL={shlex.quote(reranker)} {shlex.join(serve)}"],
+            [f"{serve_settings}{shlex.join(serve)}"],
         ),
         (
             "in another shell: a native search, then OpenSearch's own _search reranked through "
@@ -240,6 +253,22 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes], log_path: Path) -> No
     raise RuntimeError(f"the sidecar was not ready after {_READY_TIMEOUT_S:.0f}s; see {log_path}")
 
 
+def _stop(server: subprocess.Popen[bytes], grace_s: float, log_path: Path) -> None:
+    """SIGTERM, and SIGKILL if the sidecar has not exited after its own drain bound: no request
+    of the demo's is in flight by then, only a model batch whose request failed open, which the
+    sidecar finishes before it exits and nobody waits for."""
+    server.terminate()
+    try:
+        server.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+        print(
+            f"\nnote: the sidecar was still scoring a batch nobody waits for {grace_s:g} s after "
+            f"SIGTERM (SIDECAR_SHUTDOWN_GRACE_S), so the demo killed it; its log: {log_path}"
+        )
+
+
 def _curl(url: str, body: Mapping[str, Any]) -> list[str]:
     return [
         "curl",
@@ -267,7 +296,8 @@ _FAILED_OPEN = {
         "The rerank stage did not finish within the request's deadline (SIDECAR_REQUEST_TIMEOUT_S, "
         "{timeout:g} s) and failed open: the right side is the first-stage order, not reranked. "
         "A small or busy CPU scores {candidates} candidates slower than that: serve with "
-        'SIDECAR_REQUEST_TIMEOUT_S=30, or ask for fewer "candidates".'
+        "SIDECAR_REQUEST_TIMEOUT_S={slow_cpu_timeout} (step 1 below does), or ask for fewer "
+        '"candidates".'
     ),
     "model_error": (
         "The rerank stage failed and the sidecar failed open: the right side is the first-stage "

@@ -66,14 +66,14 @@ def steps_printed(output: str) -> list[str]:
     return [line.strip() for line in block if line.strip() and not line.strip().startswith("#")]
 
 
-def shell(command: str, environ: dict[str, str]) -> str:
+def shell(command: str, environ: dict[str, str], timeout_s: float = 300.0) -> str:
     completed = subprocess.run(
         ["bash", "-c", command],
         cwd=REPO,
         env=environ,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout_s,
     )
     assert completed.returncode == 0, (command, completed.stdout, completed.stderr)
     return completed.stdout
@@ -99,7 +99,9 @@ def test_the_commands_the_demo_prints_work_as_printed(
 ) -> None:
     upstream = f"http://127.0.0.1:{DEMO_PORT}"
     shell(f"{sys.executable} -m sidecar opensearch up --port {DEMO_PORT}", environ)
-    output = shell(f"{sys.executable} -m sidecar demo --opensearch {upstream}", environ)
+    output = shell(
+        f"{sys.executable} -m sidecar demo --opensearch {upstream}", environ, DEMO_TIMEOUT_S
+    )
     assert "distinct sections of Python's reference documentation" in output
     assert "found by" in output, "the reranked order beside the first stage's"
     commands = steps_printed(output)

@@ -377,6 +377,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a plain encoder's fresh head: the query-document cosine in the joint encoding "
         "(ranks like the bi-encoder before training), or a linear layer on the mean of all tokens",
     )
+    train.add_argument(
+        "--cross-fit-folds",
+        type=int,
+        default=0,
+        help="K >= 2: choose the serving choices on every train and validation query, each "
+        "scored by one of K fold models trained on the other folds, and serve a model trained "
+        "on all of them (K + 1 trainings; --validation-share unused); 0: off",
+    )
     train.add_argument("--epochs", type=int, default=1, help="at most, with early stopping")
     train.add_argument(
         "--early-stopping-patience",
@@ -802,6 +810,7 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
             head=args.head,
         ),
         normalization=settings.normalization,
+        cross_fit_folds=args.cross_fit_folds,
     )
     check_start(args.base, options)
     _ensure_index(settings, args.index, args.dataset / "corpus.jsonl")

@@ -16,6 +16,7 @@ def write_model_card(
     data_description: str,
     serving: tuple[Serving, Mapping[str, Any]] | None = None,
     pretraining: str | None = None,
+    cross_fitting: str | None = None,
 ) -> Path:
     """README.md beside the weights: what the model was made from and how well it ranks, so a
     directory found later still says where it came from; a distilled model's card also sets its
@@ -77,6 +78,7 @@ def write_model_card(
                 f"| training time | {report.seconds:.1f} s on {report.device}, {report.precision} |",
                 f"| weights | {report.model_bytes} bytes |",
                 *([f"| pre-training on the corpus | {pretraining} |"] if pretraining else []),
+                *([f"| cross-fitting | {cross_fitting} |"] if cross_fitting else []),
                 *serving_rows,
                 "",
                 "Validation nDCG@10 before and after is the reranker alone over each validation "

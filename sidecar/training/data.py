@@ -52,6 +52,14 @@ def split_queries(
     return sorted(ordered[count:]), sorted(ordered[:count])
 
 
+def query_folds(query_ids: Sequence[str], count: int, seed: int = 13) -> list[list[str]]:
+    """`count` folds of whole queries (fewer when there are fewer ids), reproducible as
+    `split_queries` is: a seeded shuffle of the sorted ids, dealt round-robin."""
+    ordered = sorted(set(query_ids))
+    random.Random(seed).shuffle(ordered)
+    return [ordered[start::count] for start in range(min(count, len(ordered)))]
+
+
 # How a query's negatives are drawn from its non-relevant candidates: the first ones in rank order,
 # or a seeded sample over the whole depth, so the model also sees the candidates it must keep
 # below the relevant ones further down the list it will rerank.

@@ -15,6 +15,7 @@ from sidecar.evaluation import read_qrels, read_queries
 from sidecar.rerank.final_scorer import Serving, write_serving
 from sidecar.training import HELDOUT_QRELS
 from sidecar.training.card import write_model_card
+from sidecar.training.cross_fit import check_cross_fit, cross_fit_reranker
 from sidecar.training.data import (
     NEGATIVES_FILE,
     SPLITS_FILE,
@@ -67,6 +68,9 @@ class TrainOptions:
     teacher: str | None = None
     layers: int | None = None
     fit: FitOptions = field(default_factory=FitOptions)
+    # K >= 2: train and validation queries are not split but dealt into K folds and cross-fitted
+    # (`cross_fit`), so the serving choices rest on all of them; 0, the default, is off.
+    cross_fit_folds: int = 0
     # How the sidecar that will serve the model normalizes rerank scores, for the blend choice.
     normalization: Normalization = "sigmoid"
 
@@ -75,7 +79,12 @@ def check_start(base: str, options: TrainOptions) -> None:
     """Refuses, from the models' configs alone and so before any index load or mining, a teacher
     without the student's `layers`, a teacher that is not a cross-encoder, a fresh head the base
     cannot take (`check_head`), and `layers` that do not cut the model training starts from
-    (`check_layers`). Raises ValueError."""
+    (`check_layers`), and cross-fitting a distillation or a schedule that chooses checkpoints
+    (`check_cross_fit`). Raises ValueError."""
+    if options.cross_fit_folds:
+        if options.teacher is not None:
+            raise ValueError("cross-fitting is for fine-tunes: a distillation is not cross-fitted")
+        check_cross_fit(options.cross_fit_folds, options.fit)
     start = resolve_model_source(options.teacher or base)
     if options.teacher is not None:
         if options.layers is None:
@@ -103,8 +112,9 @@ def train_reranker(
     """The whole `sidecar train-reranker` flow on a BEIR folder whose corpus is loaded in `index`:
     split the judged queries, mine negatives through the sidecar at `sidecar_url`, fine-tune
     `base` (or, with `options.teacher`, distil the teacher and leave `base` unused), choose the
-    blend weight on the validation queries, and write the model, its card, the split
-    (splits.json), the mined negatives (negatives.json) and the held-out judgments.
+    serving choices on the validation queries (with `options.cross_fit_folds`, on all train and
+    validation queries, out of fold), and write the model, its card, the split (splits.json),
+    the mined negatives (negatives.json) and the held-out judgments.
 
     Documents are read as the rerank stage reads them (title and text joined), so the model is
     trained on the input it is served. Raises ValueError when fewer than two queries are judged
@@ -121,7 +131,11 @@ def train_reranker(
     usable, heldout = list(queries), list[str]()
     if options.holdout_share > 0:
         usable, heldout = split_queries(usable, options.holdout_share, fit.seed)
-    train_ids, validation_ids = split_queries(usable, options.validation_share, fit.seed)
+    if options.cross_fit_folds:
+        # Every query is trained on and validated on, by different models.
+        train_ids = validation_ids = sorted(usable)
+    else:
+        train_ids, validation_ids = split_queries(usable, options.validation_share, fit.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SPLITS_FILE).write_text(
         json.dumps({"train": train_ids, "validation": validation_ids, "heldout": heldout}, indent=1)
@@ -139,7 +153,7 @@ def train_reranker(
     candidates = first_stage_candidates(
         sidecar_url,
         index,
-        {q: queries[q] for q in train_ids + validation_ids},
+        {q: queries[q] for q in dict.fromkeys(train_ids + validation_ids)},
         options.candidates,
         fit.progress,
     )
@@ -171,7 +185,8 @@ def train_reranker(
         f"{drawn} {options.negatives} of {options.candidates} hybrid first-stage candidates "
         f"(index `{index}`) not judged relevant"
     )
-    pretraining: str | None = None
+    pretraining = cross_fitting = None
+    scored = None
     if options.teacher is not None and options.layers is not None:
         triples = build_triples(train_queries, documents, qrels, negatives)
         log.info("training triples: %d; validation queries: %d", len(triples), len(validation))
@@ -194,26 +209,47 @@ def train_reranker(
                 out_dir,
                 options,
             )
-        if pretrained is None:
-            report = train_cross_encoder(
-                base, train, validation, out_dir, fit, layers=options.layers
+        # A pre-trained start is already cut to `layers`.
+        start, layers = (base, options.layers) if pretrained is None else (str(pretrained[0]), None)
+        if options.cross_fit_folds:
+            crossed = cross_fit_reranker(
+                start,
+                train_queries,
+                validation,
+                candidates,
+                documents,
+                qrels,
+                negatives,
+                out_dir,
+                options.cross_fit_folds,
+                fit,
+                layers,
             )
+            report, scored, cross_fitting = crossed.report, crossed.scored, crossed.description
         else:
-            folder, pretraining, before = pretrained
             report = train_cross_encoder(
-                str(folder), train, validation, out_dir, fit, ndcg10_before=before.ndcg10_after
+                start,
+                train,
+                validation,
+                out_dir,
+                fit,
+                layers=layers,
+                ndcg10_before=None if pretrained is None else pretrained[2].ndcg10_after,
             )
+        if pretrained is not None:
+            folder, pretraining, before = pretrained
             shutil.rmtree(folder)
             # The card's "before" is the base's, as without pre-training.
             report = replace(report, base=base, ndcg10_before=before.ndcg10_before)
-    scored = score_candidates(
-        out_dir,
-        {q: queries[q] for q in validation},
-        {q: candidates[q] for q in validation},
-        documents,
-        fit.device,
-        fit.progress,
-    )
+    if scored is None:
+        scored = score_candidates(
+            out_dir,
+            {q: queries[q] for q in validation},
+            {q: candidates[q] for q in validation},
+            documents,
+            fit.device,
+            fit.progress,
+        )
     depths = [depth for depth in DEPTHS if depth < options.candidates] + [options.candidates]
     serving, figures = choose_serving(scored, qrels, options.normalization, depths, fit.seed)
     write_serving(out_dir, serving, figures)
@@ -231,7 +267,7 @@ def train_reranker(
         f"`{qrels_path}` of `{dataset}`; negatives: {negatives_described}; {len(heldout)} "
         f"queries held out (`{HELDOUT_QRELS}`)"
     )
-    write_model_card(report, command, description, (serving, figures), pretraining)
+    write_model_card(report, command, description, (serving, figures), pretraining, cross_fitting)
     return TrainedReranker(report, serving, figures)
 
 

@@ -6,7 +6,6 @@ score, the rest below them in first-stage order."""
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from sidecar.evaluation import Qrels, Run, knee_depth, paired_gain, per_query_ndcg
 from sidecar.rerank.final_scorer import LearnedScorer, Serving, Signals, feature_rows
 from sidecar.scoring import FloatArray, best_first, blend, minmax_first_stage, normalize_scores
-from sidecar.training.data import Candidates
+from sidecar.training.data import Candidates, query_folds
 
 log = logging.getLogger(__name__)
 
@@ -211,13 +210,10 @@ def _out_of_fold(
 ) -> dict[int, dict[str, Sequence[float]]]:
     """Depth to query to final scores, each query scored by what `fit` made of the queries of the
     other `_FOLDS` folds (whole queries, by a seeded shuffle of the sorted ids)."""
-    queries = sorted(scored)
-    random.Random(seed).shuffle(queries)
-    folds = [queries[start::_FOLDS] for start in range(min(_FOLDS, len(queries)))]
     out_of_fold: dict[int, dict[str, Sequence[float]]] = {depth: {} for depth in depths}
-    for fold in folds:
+    for fold in query_folds(list(scored), _FOLDS, seed):
         held = set(fold)
-        final = fit({q: scored[q] for q in queries if q not in held})
+        final = fit({q: query for q, query in scored.items() if q not in held})
         for depth in depths:
             for query_id in fold:
                 out_of_fold[depth][query_id] = final(

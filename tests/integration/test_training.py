@@ -400,6 +400,37 @@ def test_pseudo_query_pretraining_a_listwise_loss_and_early_stopping_train_and_s
         assert hit["score"] == pytest.approx(1 / (1 + math.exp(-hit["rerank_score"])))
 
 
+def test_cross_fitting_chooses_serving_on_every_query_and_serves_a_model_trained_on_all(
+    opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
+) -> None:
+    out = tmp_path / "cross-fitted"
+    arguments = train_arguments(
+        trained.dataset, trained.index, out, trained.first_stage.url, opensearch.url
+    )
+    assert main([*arguments, "--cross-fit-folds", "2"]) == 0
+
+    splits = json.loads((out / SPLITS_FILE).read_text())
+    assert splits["train"] == splits["validation"], "every query trained on and validated on"
+    assert not set(splits["train"]) & set(splits["heldout"])
+    assert splits["heldout"] == json.loads((trained.out / SPLITS_FILE).read_text())["heldout"]
+    usable = len(splits["train"])
+    card = (out / "README.md").read_text()
+    assert "| cross-fitting | 2 fold models, each trained on the other folds' queries" in card
+    assert f"out of fold over all {usable} queries" in card
+    assert f"| validation queries | {usable} |" in card
+    assert f"| training queries | {usable} |" in card, "the model served trained on all"
+    serving = json.loads((out / SERVING_FILE).read_text())
+    assert serving["validation"]["queries"] == usable, "the serving choices rest on all of them"
+    assert not (out / "folds").exists(), "the fold models are removed"
+    assert read_serving(out) is not None
+
+    query = trained.queries[splits["heldout"][0]]
+    with running_sidecar(opensearch.url, out, encoder) as served:
+        answer = search(served.url, {"index": trained.index, "query": query, "k": 5})
+    assert answer["rerank"]["applied"] is True
+    assert answer["rerank"]["pairs_scored"] > 0
+
+
 def test_a_serving_file_of_another_version_is_refused_at_start(
     opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
 ) -> None:

@@ -28,6 +28,7 @@ from sidecar.training.data import (
     build_examples,
     build_triples,
     mine_negatives,
+    query_folds,
     read_documents,
     split_queries,
     write_qrels,
@@ -54,6 +55,16 @@ def test_split_is_deterministic_disjoint_and_complete() -> None:
     assert set(train) | set(validation) == set(ids)
     assert len(validation) == 10
     assert split_queries(ids, validation_share=0.2, seed=14) != (train, validation)
+
+
+def test_folds_deal_every_query_once_whatever_the_input_order() -> None:
+    ids = [f"q{n}" for n in range(11)]
+    folds = query_folds(ids, 3, seed=5)
+    assert sorted(len(fold) for fold in folds) == [3, 4, 4]
+    assert sorted(q for fold in folds for q in fold) == sorted(ids)
+    assert query_folds(list(reversed(ids)), 3, seed=5) == folds
+    assert query_folds(ids, 3, seed=6) != folds
+    assert len(query_folds(ids[:2], 3)) == 2, "no empty fold"
 
 
 def test_split_keeps_both_parts_non_empty() -> None:
@@ -268,6 +279,13 @@ def test_a_truncated_cross_encoder_saves_and_loads_with_its_new_depth(tmp_path: 
         (TrainOptions(layers=6), r"layers must be in 1\.\.5"),
         (TrainOptions(teacher=DEFAULT_EMBEDDING_MODEL, layers=2), "not a cross-encoder"),
         (TrainOptions(teacher="any-cross-encoder"), "needs the student's depth"),
+        (TrainOptions(cross_fit_folds=1), "at least 2 folds"),
+        (TrainOptions(cross_fit_folds=3, fit=FitOptions(epochs=2)), "in sample"),
+        (TrainOptions(cross_fit_folds=3, fit=FitOptions(checkpoint_steps=50)), "in sample"),
+        (
+            TrainOptions(cross_fit_folds=3, teacher="any-cross-encoder", layers=2),
+            "distillation is not cross-fitted",
+        ),
     ],
 )
 def test_train_reranker_refuses_a_bad_start_before_reading_or_mining(

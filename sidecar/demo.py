@@ -25,6 +25,7 @@ from sidecar.indexing.sample import write_sample_corpus
 from sidecar.indexing.templates import VectorOptions, create_index
 from sidecar.local_opensearch.node import LocalNode
 from sidecar.printed_commands import shown_path, sidecar_command
+from sidecar.processes import stop
 from sidecar.rerank.backend import build_untrained_cross_encoder, hub_model_available
 
 if TYPE_CHECKING:
@@ -257,12 +258,7 @@ def _stop(server: subprocess.Popen[bytes], grace_s: float, log_path: Path) -> No
     """SIGTERM, and SIGKILL if the sidecar has not exited after its own drain bound: no request
     of the demo's is in flight by then, only a model batch whose request failed open, which the
     sidecar finishes before it exits and nobody waits for."""
-    server.terminate()
-    try:
-        server.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    if stop(server, grace_s):
         print(
             f"\nnote: the sidecar was still scoring a batch nobody waits for {grace_s:g} s after "
             f"SIGTERM (SIDECAR_SHUTDOWN_GRACE_S), so the demo killed it; its log: {log_path}"

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.integration.processes import stop
+from sidecar.processes import stop
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from sidecar.processes import stop
 from tests.integration.go_tools import GoTool, go_tool_binary
-from tests.integration.processes import free_port, stop
+from tests.integration.processes import free_port
 
 TOXIPROXY = GoTool(
     "toxiproxy",

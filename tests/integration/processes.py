@@ -1,12 +1,11 @@
 """What the tests' own servers (Prometheus, Redis, Toxiproxy, dockerd, `sidecar serve`) share: a
-free port to start on, the binary to run, and a stop that never leaves a process behind."""
+free port to start on and the binary to run; `sidecar.processes.stop` stops them."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,16 +40,3 @@ def find_binary(
     if os.access(debian, os.X_OK):
         return debian
     raise error(f"no {name} binary found; {install_hint}")
-
-
-def stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """SIGTERM (the server closes what it holds), SIGKILL if it is still there after
-    `timeout_s`, and reaped either way."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

@@ -17,7 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.integration.processes import find_binary, free_port, stop
+from sidecar.processes import stop
+from tests.integration.processes import find_binary, free_port
 
 INSTALL_HINT = (
     "install the Debian/Ubuntu package 'prometheus' (`make prometheus-bin` does it as root, or "

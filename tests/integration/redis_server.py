@@ -13,7 +13,8 @@ from types import TracebackType
 
 import redis
 
-from tests.integration.processes import find_binary, free_port, stop
+from sidecar.processes import stop
+from tests.integration.processes import find_binary, free_port
 
 INSTALL_HINT = (
     "install the Debian/Ubuntu package 'redis-server' (`make redis-bin` does it as root, or "

@@ -133,6 +133,10 @@ class TrainedRun:
     first_stage: RunningSidecar
     printed: str  # what the command printed
 
+    def arguments(self, out: Path, opensearch_url: str) -> list[str]:
+        """This run's command for another model in `out`, mining through the same sidecar."""
+        return train_arguments(self.dataset, self.index, out, self.first_stage.url, opensearch_url)
+
 
 @pytest.fixture(scope="module")
 def trained(
@@ -268,9 +272,7 @@ def test_train_reranker_distils_a_two_layer_student_that_serves_and_follows_its_
     opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
 ) -> None:
     student_dir = tmp_path / "student"
-    arguments = train_arguments(
-        trained.dataset, trained.index, student_dir, trained.first_stage.url, opensearch.url
-    )
+    arguments = trained.arguments(student_dir, opensearch.url)
     arguments += ["--teacher", str(trained.out), "--layers", "2", "--epochs", STUDENT_EPOCHS]
     assert main(arguments) == 0
 
@@ -352,9 +354,7 @@ def test_pseudo_query_pretraining_a_listwise_loss_and_early_stopping_train_and_s
     opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
 ) -> None:
     out = tmp_path / "listwise"
-    arguments = train_arguments(
-        trained.dataset, trained.index, out, trained.first_stage.url, opensearch.url
-    )
+    arguments = trained.arguments(out, opensearch.url)
     arguments += ["--pseudo-queries", "12", "--loss", "listnet"]
     arguments += ["--epochs", "3", "--early-stopping-patience", "1"]
     assert main(arguments) == 0
@@ -404,9 +404,7 @@ def test_cross_fitting_chooses_serving_on_every_query_and_serves_a_model_trained
     opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
 ) -> None:
     out = tmp_path / "cross-fitted"
-    arguments = train_arguments(
-        trained.dataset, trained.index, out, trained.first_stage.url, opensearch.url
-    )
+    arguments = trained.arguments(out, opensearch.url)
     assert main([*arguments, "--cross-fit-folds", "2"]) == 0
 
     splits = json.loads((out / SPLITS_FILE).read_text())

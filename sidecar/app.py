@@ -312,8 +312,9 @@ def model_serving(settings: Settings) -> ModelServing:
     scorer = serving.final_scorer if settings.final_scorer == "auto" else None
     if serving.gained is False:
         log.warning(
-            "the reranker gained nothing over the first stage on its validation queries "
-            "(serving.json, which records the shallowest validated depth for it): measure it on "
+            "the reranker showed no gain over the first stage on its validation queries (no "
+            "depth's 95% CI above 0, serving.json, which records the shallowest validated depth "
+            "for it): measure it on "
             "your own queries with `sidecar eval` before relying on it",
             extra={"reranker_model": settings.reranker_model},
         )

@@ -119,7 +119,7 @@ def _serving_rows(serving: Serving, figures: Mapping[str, Any]) -> tuple[list[st
         + ("learned (logistic regression, below)" if serving.final_scorer else "the blend")
         + " |",
         f"| default rerank depth served | {serving.rerank_depth}"
-        + ("" if serving.gained else " (no depth gained: the shallowest validated)")
+        + ("" if serving.gained else " (no gain shown at any depth: the shallowest validated)")
         + " |",
         f"| depths whose validation gain's 95% CI is above 0 | "
         f"{', '.join(map(str, figures['positive_depths'])) or 'none'} |",

@@ -260,9 +260,10 @@ def choose_serving(
     the first stage, the blend and the learned scorer, both judged out of fold, each gain over the
     first stage with its paired 95% CI. The learned scorer is served when its gain is surer at the
     largest depth (`surer_scorer`); the blend served has the alpha chosen on every validation
-    query. The recorded rerank depth is the chosen scorer's knee (the shallowest depth with 90% of
-    its largest gain) or, when no depth gains, the shallowest depth: where a reranker that does
-    not help costs and changes the least."""
+    query. A gain is shown at the depths whose CI lies above 0; where one is, the recorded rerank
+    depth is the chosen scorer's knee (the shallowest depth with 90% of its largest gain), else
+    the shallowest depth: where a reranker not shown to help costs and changes the least, and
+    `gained` is false (a mean gain whose interval spans 0 is no gain shown)."""
     deepest = max(depths)
     blend_choice = choose_alpha(scored, qrels, normalization, deepest)
     blend_judged = blend_out_of_fold(scored, qrels, normalization, depths, seed)
@@ -285,7 +286,10 @@ def choose_serving(
     chosen = surer_scorer(by_depth[str(deepest)])
     learned_wins = chosen == "learned"
     gains = {depth: by_depth[str(depth)][chosen]["gain"]["mean"] for depth in depths}
-    knee = knee_depth(gains)
+    positive_depths = [
+        depth for depth in depths if by_depth[str(depth)][chosen]["gain"]["ci95"][0] > 0
+    ]
+    knee = knee_depth(gains) if positive_depths else None
     figures.update(
         {
             "alpha": blend_choice.alpha,
@@ -293,14 +297,13 @@ def choose_serving(
             "learned_regularization": fit.regularization,
             "depths": by_depth,
             "final_scorer": chosen,
-            "positive_depths": [
-                depth for depth in depths if by_depth[str(depth)][chosen]["gain"]["ci95"][0] > 0
-            ],
+            "positive_depths": positive_depths,
         }
     )
     if knee is None:
         log.warning(
-            "no rerank depth gained on the validation queries: recording the shallowest, %d",
+            "no rerank depth's gain on the validation queries has its 95%% CI above 0: "
+            "recording the shallowest, %d",
             min(depths),
         )
     serving = Serving(

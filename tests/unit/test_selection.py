@@ -49,6 +49,20 @@ def test_the_recorded_depth_is_the_shallowest_that_reaches_the_relevant_document
     assert figures["first_stage_ndcg10"] == 0.0
 
 
+def test_a_mean_gain_whose_interval_spans_zero_is_no_gain_shown() -> None:
+    helped, helped_qrels = validation_set(relevant_at=30, queries=2)
+    unchanged, unchanged_qrels = validation_set(relevant_at=0, queries=10, seed=2)
+    scored = helped | {f"u{q}": query for q, query in unchanged.items()}
+    qrels = helped_qrels | {f"u{q}": judged for q, judged in unchanged_qrels.items()}
+    serving, figures = choose_serving(scored, qrels, "sigmoid", [20, 50, 100], seed=3)
+    chosen = figures["depths"]["100"][figures["final_scorer"]]["gain"]
+    assert chosen["mean"] > 0, "two queries of twelve gain, none loses"
+    assert chosen["ci95"][0] <= 0
+    assert figures["positive_depths"] == []
+    assert serving.gained is False
+    assert serving.rerank_depth == 20
+
+
 def test_no_gain_at_any_depth_records_the_shallowest_depth() -> None:
     scored, qrels = validation_set(relevant_at=0)
     serving, figures = choose_serving(scored, qrels, "sigmoid", [20, 50, 100], seed=3)

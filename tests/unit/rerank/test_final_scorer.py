@@ -91,7 +91,7 @@ def test_serve_warns_of_and_reports_a_model_that_gained_nothing_on_validation(
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert bool(warnings) is warned, gained
         if warned:
-            assert "gained nothing" in warnings[0].getMessage()
+            assert "showed no gain" in warnings[0].getMessage()
 
 
 def test_a_model_without_serving_json_has_no_serving_choices(tmp_path: Path) -> None:

@@ -295,7 +295,8 @@ class ModelServing:
 
 def model_serving(settings: Settings) -> ModelServing:
     """The settings with the reranker's recorded serving choices applied where the operator made
-    none (its rerank depth), and its learned final scorer unless `final_scorer` is `blend`.
+    none (its rerank depth and blend weight; without a record the weight is 1.0), and its
+    learned final scorer unless `final_scorer` is `blend`.
 
     Only a local model folder can carry serving.json. Raises SettingsError for one this sidecar
     cannot read (another version, a scorer over other features).
@@ -309,6 +310,7 @@ def model_serving(settings: Settings) -> ModelServing:
         return ModelServing(settings, None, "unrecorded")
     if settings.rerank_depth is None and serving.rerank_depth is not None:
         settings = replace(settings, rerank_depth=serving.rerank_depth)
+    settings = replace(settings, alpha=settings.blend_alpha(serving.alpha))
     scorer = serving.final_scorer if settings.final_scorer == "auto" else None
     if serving.gained is False:
         log.warning(
@@ -322,7 +324,9 @@ def model_serving(settings: Settings) -> ModelServing:
         "reranker serving choices",
         extra={
             "rerank_depth": settings.rerank_depth,
-            "final_scorer": "learned" if scorer is not None else f"blend alpha {settings.alpha:g}",
+            "final_scorer": "learned"
+            if scorer is not None
+            else f"blend alpha {settings.blend_alpha():g}",
         },
     )
     return ModelServing(settings, scorer, _VALIDATION[serving.gained])

@@ -627,7 +627,7 @@ def _stage2_grid(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
         quality_depth=args.quality_depth,
         qrels=qrels,
         normalization=settings.normalization,
-        alpha=settings.alpha,
+        alpha=settings.blend_alpha(),
         max_batch_pairs=settings.rerank_max_batch_pairs,
         overlap_tokens=settings.chunk_overlap_tokens,
         cache_dir=settings.cache_dir,
@@ -826,13 +826,12 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
     )
     out_dir = trained.report.out_dir.resolve()
     print((out_dir / "README.md").read_text())
-    # The learned scorer and the rerank depth come from the model's serving.json; the alpha is
-    # for the blend, served when the learned scorer lost on validation or is turned off.
+    # The learned scorer, the rerank depth and the blend's weight come from the model's
+    # serving.json.
     sidecar = shlex.join(sidecar_command())
     url = _local_sidecar(settings)
     print(
-        f"serve it:    SIDECAR_RERANKER_MODEL={shlex.quote(str(out_dir))} "
-        f"SIDECAR_ALPHA={trained.serving.alpha:g} {sidecar} serve "
+        f"serve it:    SIDECAR_RERANKER_MODEL={shlex.quote(str(out_dir))} {sidecar} serve "
         f"--opensearch {settings.opensearch_url} --listen-port {settings.listen_port}"
     )
     heldout = out_dir / HELDOUT_QRELS

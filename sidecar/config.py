@@ -229,8 +229,9 @@ class Settings:
     passage_tokens: int | None = None
     # Logits to final scores: sigmoid (comparable across requests), minmax or zscore (per result set).
     normalization: Normalization = "sigmoid"
-    # Final = alpha * normalized rerank + (1 - alpha) * min-max first-stage score.
-    alpha: float = 1.0
+    # Final = alpha * normalized rerank + (1 - alpha) * min-max first-stage score. None: the
+    # weight the model's serving.json records, else 1.0 (the rerank score alone).
+    alpha: float | None = None
     final_scorer: FinalScorer = "auto"
     # How many of each search's final hits the provenance metrics count (the "final top-k").
     provenance_top_k: int = 10
@@ -359,7 +360,9 @@ class Settings:
             self.rerank_depth is None or self.rerank_depth >= 1,
             "SIDECAR_RERANK_DEPTH must be at least 1 (unset: rerank every candidate)",
         )
-        _require(0.0 <= self.alpha <= 1.0, "SIDECAR_ALPHA must be between 0 and 1")
+        _require(
+            self.alpha is None or 0.0 <= self.alpha <= 1.0, "SIDECAR_ALPHA must be between 0 and 1"
+        )
         _require(
             self.default_candidates <= self.max_candidates,
             "SIDECAR_DEFAULT_CANDIDATES must not exceed SIDECAR_MAX_CANDIDATES",
@@ -436,6 +439,12 @@ class Settings:
             _build(cls, values, ENV_PREFIX), local_node=node, profiles=profiles
         )
         return settings
+
+    def blend_alpha(self, recorded: float | None = None) -> float:
+        """SIDECAR_ALPHA where set, else the weight the model records, else 1.0."""
+        if self.alpha is not None:
+            return self.alpha
+        return 1.0 if recorded is None else recorded
 
     def service_password_value(self) -> str | None:
         """The service password, read from its file when one is named (trailing newline off).

@@ -396,7 +396,7 @@ class SearchPipeline:
                 scored_logits,
                 [first_stage[i] for i in scored],
                 self._settings.normalization,
-                self._settings.alpha,
+                self._settings.blend_alpha(),
             )
         else:
             signals = [signals_of(c, text) for c, text in zip(candidates, texts, strict=True)]

@@ -94,6 +94,17 @@ def test_serve_warns_of_and_reports_a_model_that_gained_nothing_on_validation(
             assert "showed no gain" in warnings[0].getMessage()
 
 
+def test_serve_blends_at_the_recorded_weight_unless_sidecar_alpha_is_set(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    plain = {"SIDECAR_RERANKER_MODEL": str(model)}
+    assert model_serving(Settings.from_env(plain)).settings.blend_alpha() == 1.0, "no record"
+    write_serving(model, Serving(20, None, 0.4), {})
+    assert model_serving(Settings.from_env(plain)).settings.blend_alpha() == 0.4
+    chosen = Settings.from_env({**plain, "SIDECAR_ALPHA": "0.7"})
+    assert model_serving(chosen).settings.blend_alpha() == 0.7, "the operator's weight wins"
+
+
 def test_a_model_without_serving_json_has_no_serving_choices(tmp_path: Path) -> None:
     assert read_serving(tmp_path) is None
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from sidecar.evaluation import Qrels
 from sidecar.training.data import (
     Candidates,
+    Example,
     ValidationQuery,
     build_examples,
     query_folds,
@@ -58,6 +59,7 @@ class CrossFit:
 def cross_fit_reranker(
     start: str,
     queries: Mapping[str, str],
+    train_all: Sequence[Example],
     judged: Mapping[str, ValidationQuery],
     candidates: Candidates,
     documents: Mapping[str, str],
@@ -69,8 +71,8 @@ def cross_fit_reranker(
     layers: int | None = None,
 ) -> CrossFit:
     """Train a fold model on the queries of `queries` outside each of `folds` folds of `judged`
-    and score that fold's candidates with it, then train the model served on all of `queries`
-    into `out_dir`. Raises ValueError when there are fewer judged queries than folds."""
+    and score that fold's candidates with it, then train the model served on `train_all` (the
+    pairs of all of `queries`) into `out_dir`. Raises ValueError when there are fewer judged queries than folds."""
     check_cross_fit(folds, fit)
     dealt = query_folds(list(judged), folds, fit.seed)
     if len(dealt) < folds:
@@ -110,13 +112,12 @@ def cross_fit_reranker(
         sum(getattr(r, figure) * r.validation_queries for r in reports) / len(judged)
         for figure in ("ndcg10_before", "ndcg10_after")
     )
-    train = build_examples(queries, documents, qrels, negatives)
-    log.info("the model served: %d training pairs, every judged query", len(train))
+    log.info("the model served: %d training pairs, every judged query", len(train_all))
     # Validated on the first fold only for the trainer's one end-of-epoch pass: nothing is chosen
     # on it, and the card's figures are the fold models', out of fold.
     served = train_cross_encoder(
         start,
-        train,
+        train_all,
         {q: judged[q] for q in dealt[0]},
         out_dir,
         fit,

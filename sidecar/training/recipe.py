@@ -215,6 +215,7 @@ def train_reranker(
             crossed = cross_fit_reranker(
                 start,
                 train_queries,
+                train,
                 validation,
                 candidates,
                 documents,

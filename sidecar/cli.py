@@ -358,6 +358,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the first non-relevant candidates, or a seeded sample of all --candidates of them",
     )
     train.add_argument(
+        "--labels",
+        choices=["binary", "graded"],
+        default="binary",
+        help="a judged-relevant document's label: 1 whatever its grade, or its grade over the "
+        "highest grade judged (for graded judgments; not with --teacher)",
+    )
+    train.add_argument(
         "--pseudo-queries",
         type=int,
         default=0,
@@ -793,6 +800,7 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
         candidates=args.candidates,
         negatives=args.negatives,
         negative_sampling=args.negative_sampling,
+        labels=args.labels,
         pseudo_queries=args.pseudo_queries,
         teacher=args.teacher,
         layers=args.layers,

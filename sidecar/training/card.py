@@ -99,7 +99,7 @@ def write_model_card(
 
 
 _LOSSES = {
-    "bce": "binary cross-entropy on the 1/0 labels",
+    "bce": "binary cross-entropy on each pair's label",
     "listnet": "ListNet over each query's relevant documents and negatives",
     "lambda": "LambdaLoss (nDCG-weighted swaps) over each query's relevant documents and negatives",
 }

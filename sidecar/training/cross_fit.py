@@ -12,18 +12,11 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.evaluation import Qrels
-from sidecar.training.data import (
-    Candidates,
-    Example,
-    ValidationQuery,
-    build_examples,
-    query_folds,
-)
+from sidecar.training.data import Candidates, Example, ValidationQuery, query_folds
 from sidecar.training.fit import FitOptions, TrainingReport, train_cross_encoder
 from sidecar.training.selection import ScoredQuery, score_candidates
 
@@ -63,16 +56,16 @@ def cross_fit_reranker(
     judged: Mapping[str, ValidationQuery],
     candidates: Candidates,
     documents: Mapping[str, str],
-    qrels: Qrels,
-    negatives: Mapping[str, Sequence[str]],
+    pairs_of: Callable[[Mapping[str, str]], list[Example]],
     out_dir: Path,
     folds: int,
     fit: FitOptions,
     layers: int | None = None,
 ) -> CrossFit:
-    """Train a fold model on the queries of `queries` outside each of `folds` folds of `judged`
-    and score that fold's candidates with it, then train the model served on `train_all` (the
-    pairs of all of `queries`) into `out_dir`. Raises ValueError when there are fewer judged queries than folds."""
+    """Train a fold model on the pairs (`pairs_of`, the recipe's pair builder) of the queries of
+    `queries` outside each of `folds` folds of `judged` and score that fold's candidates with it,
+    then train the model served on `train_all` (the pairs of all of `queries`) into `out_dir`.
+    Raises ValueError when there are fewer judged queries than folds."""
     check_cross_fit(folds, fit)
     dealt = query_folds(list(judged), folds, fit.seed)
     if len(dealt) < folds:
@@ -82,9 +75,7 @@ def cross_fit_reranker(
     reports: list[TrainingReport] = []
     for number, fold in enumerate(dealt, start=1):
         held = set(fold)
-        train = build_examples(
-            {q: text for q, text in queries.items() if q not in held}, documents, qrels, negatives
-        )
+        train = pairs_of({q: text for q, text in queries.items() if q not in held})
         log.info(
             "fold %d of %d: %d training pairs; %d queries scored out of fold",
             number,

@@ -153,23 +153,34 @@ def _source(entry: Mapping[str, float] | None) -> tuple[int, float] | None:
     return None if entry is None else (int(entry["rank"]), float(entry["score"] or 0.0))
 
 
+# How a judged-relevant document is labelled: 1.0 whatever its grade, or its grade over the
+# highest grade judged, so a loss on graded judgments learns the gains nDCG counts.
+Labels = Literal["binary", "graded"]
+
+
 def build_examples(
     queries: Mapping[str, str],
     documents: Mapping[str, str],
     qrels: Mapping[str, Mapping[str, int]],
     negatives: Mapping[str, Sequence[str]],
+    labels: Labels = "binary",
 ) -> list[Example]:
     """Training pairs for the queries in `queries`, in their order: each judged-relevant document
-    labelled 1.0, then the query's negatives labelled 0.0.
+    labelled as `labels` says (graded: its grade over the highest grade among these queries'
+    judgments), then the query's negatives labelled 0.0.
 
     A query without a relevant document in `documents` contributes nothing, so every query trained
     on has both labels. Documents missing from `documents` (qrels naming ids absent from the
     corpus happen in real collections) are skipped. A negative that is judged relevant raises
     ValueError: it would teach the model the opposite of the judgments.
     """
+    judged = list(_judged_texts(queries, documents, qrels, negatives))
+    top = max((grade for _, relevant, _ in judged for _, grade in relevant), default=1)
     examples: list[Example] = []
-    for query, relevant, negative in _judged_texts(queries, documents, qrels, negatives):
-        examples.extend((query, text, 1.0) for text in relevant)
+    for query, relevant, negative in judged:
+        examples.extend(
+            (query, text, grade / top if labels == "graded" else 1.0) for text, grade in relevant
+        )
         examples.extend((query, text, 0.0) for text in negative)
     return examples
 
@@ -192,7 +203,7 @@ def build_triples(
         for query, relevant, negatives_of_query in _judged_texts(
             queries, documents, qrels, negatives
         )
-        for positive in relevant
+        for positive, _ in relevant
         for negative in negatives_of_query
     ]
 
@@ -202,12 +213,14 @@ def _judged_texts(
     documents: Mapping[str, str],
     qrels: Mapping[str, Mapping[str, int]],
     negatives: Mapping[str, Sequence[str]],
-) -> Iterator[tuple[str, list[str], list[str]]]:
-    """Per query with a relevant document in `documents`: its text, the relevant texts and the
-    negatives' texts. Raises ValueError for a negative that is judged relevant."""
+) -> Iterator[tuple[str, list[tuple[str, int]], list[str]]]:
+    """Per query with a relevant document in `documents`: its text, the relevant texts with their
+    grades and the negatives' texts. Raises ValueError for a negative that is judged relevant."""
     for query_id, query in queries.items():
         judged = qrels.get(query_id, {})
-        relevant = [documents[doc] for doc, rel in judged.items() if rel > 0 and doc in documents]
+        relevant = [
+            (documents[doc], rel) for doc, rel in judged.items() if rel > 0 and doc in documents
+        ]
         if not relevant:
             continue
         negative = []

@@ -7,6 +7,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from sidecar.config import Normalization
@@ -19,6 +20,7 @@ from sidecar.training.cross_fit import check_cross_fit, cross_fit_reranker
 from sidecar.training.data import (
     NEGATIVES_FILE,
     SPLITS_FILE,
+    Labels,
     NegativeSampling,
     ValidationQuery,
     build_examples,
@@ -59,6 +61,7 @@ class TrainOptions:
     # Per training query; distilling, per relevant document of it.
     negatives: int = 4
     negative_sampling: NegativeSampling = "top"
+    labels: Labels = "binary"
     # Pseudo-queries from the corpus to pre-train on (`data.pseudo_queries`); 0, the default, is
     # off: on SciFact's validation queries, pre-training a fresh head on 1,000 title pseudo-queries
     # left it at the label prior (loss at the labels' entropy), half what the judgments teach.
@@ -79,12 +82,15 @@ def check_start(base: str, options: TrainOptions) -> None:
     """Refuses, from the models' configs alone and so before any index load or mining, a teacher
     without the student's `layers`, a teacher that is not a cross-encoder, a fresh head the base
     cannot take (`check_head`), and `layers` that do not cut the model training starts from
-    (`check_layers`), and cross-fitting a distillation or a schedule that chooses checkpoints
-    (`check_cross_fit`). Raises ValueError."""
+    (`check_layers`), cross-fitting a distillation or a schedule that chooses checkpoints
+    (`check_cross_fit`), and graded labels for a distillation, which has none. Raises
+    ValueError."""
     if options.cross_fit_folds:
         if options.teacher is not None:
             raise ValueError("cross-fitting is for fine-tunes: a distillation is not cross-fitted")
         check_cross_fit(options.cross_fit_folds, options.fit)
+    if options.teacher is not None and options.labels != "binary":
+        raise ValueError("a distillation learns the teacher's margins: it takes no graded labels")
     start = resolve_model_source(options.teacher or base)
     if options.teacher is not None:
         if options.layers is None:
@@ -195,7 +201,14 @@ def train_reranker(
         )
         negatives_described = f"each relevant document against {negatives_described}"
     else:
-        train = build_examples(train_queries, documents, qrels, negatives)
+        pairs_of = partial(
+            build_examples,
+            documents=documents,
+            qrels=qrels,
+            negatives=negatives,
+            labels=options.labels,
+        )
+        train = pairs_of(train_queries)
         log.info("training pairs: %d; validation queries: %d", len(train), len(validation))
         pretrained = None
         if options.pseudo_queries:
@@ -219,8 +232,7 @@ def train_reranker(
                 validation,
                 candidates,
                 documents,
-                qrels,
-                negatives,
+                pairs_of,
                 out_dir,
                 options.cross_fit_folds,
                 fit,
@@ -264,9 +276,19 @@ def train_reranker(
             for d, e in figures["depths"].items()
         },
     )
+    labelled = (
+        ""
+        if options.teacher is not None
+        else "; relevant documents labelled "
+        + (
+            "their grade over the highest grade judged"
+            if options.labels == "graded"
+            else "1 whatever their grade"
+        )
+    )
     description = (
-        f"`{qrels_path}` of `{dataset}`; negatives: {negatives_described}; {len(heldout)} "
-        f"queries held out (`{HELDOUT_QRELS}`)"
+        f"`{qrels_path}` of `{dataset}`{labelled}; negatives: {negatives_described}; "
+        f"{len(heldout)} queries held out (`{HELDOUT_QRELS}`)"
     )
     write_model_card(report, command, description, (serving, figures), pretraining, cross_fitting)
     return TrainedReranker(report, serving, figures)

@@ -64,7 +64,8 @@ STUDENT_EPOCHS = "3"
 
 def generate_collection(folder: Path, seed: int = 3) -> dict[str, dict[str, int]]:
     """A BEIR folder of seeded topic texts; returns its qrels. Per query the topic's first two
-    documents are relevant, the third is judged not relevant, the rest are unjudged."""
+    documents are relevant (graded 2 and 1), the third is judged not relevant, the rest are
+    unjudged."""
     rng = random.Random(seed)
     documents, queries, qrels = [], {}, {}
     for topic, words in TOPIC_WORDS.items():
@@ -76,7 +77,7 @@ def generate_collection(folder: Path, seed: int = 3) -> dict[str, dict[str, int]
         for n in range(2):
             query_id = f"{topic}-q{n}"
             queries[query_id] = " ".join(rng.sample(vocabulary, 3))
-            qrels[query_id] = {f"{topic}-0": 1, f"{topic}-1": 1, f"{topic}-2": 0}
+            qrels[query_id] = {f"{topic}-0": 2, f"{topic}-1": 1, f"{topic}-2": 0}
     (folder / "qrels").mkdir(parents=True)
     write_corpus(folder / "corpus.jsonl", documents)
     (folder / "queries.jsonl").write_text(
@@ -399,12 +400,12 @@ def test_pseudo_query_pretraining_a_listwise_loss_and_early_stopping_train_and_s
         assert hit["score"] == pytest.approx(1 / (1 + math.exp(-hit["rerank_score"])))
 
 
-def test_cross_fitting_chooses_serving_on_every_query_and_serves_a_model_trained_on_all(
+def test_cross_fitting_on_graded_labels_chooses_serving_on_every_query_and_serves_a_model_trained_on_all(
     opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
 ) -> None:
     out = tmp_path / "cross-fitted"
     arguments = trained.arguments(out, opensearch.url)
-    assert main([*arguments, "--cross-fit-folds", "2"]) == 0
+    assert main([*arguments, "--cross-fit-folds", "2", "--labels", "graded"]) == 0
 
     splits = json.loads((out / SPLITS_FILE).read_text())
     assert splits["train"] == splits["validation"], "every query trained on and validated on"
@@ -416,6 +417,8 @@ def test_cross_fitting_chooses_serving_on_every_query_and_serves_a_model_trained
     assert f"out of fold over all {usable} queries" in card
     assert f"| validation queries | {usable} |" in card
     assert f"| training queries | {usable} |" in card, "the model served trained on all"
+    assert "relevant documents labelled their grade over the highest grade judged" in card
+    assert "labelled 1 whatever their grade" in (trained.out / "README.md").read_text()
     serving = json.loads((out / SERVING_FILE).read_text())
     assert serving["validation"]["queries"] == usable, "the serving choices rest on all of them"
     assert not (out / "folds").exists(), "the fold models are removed"

@@ -100,6 +100,21 @@ def test_train_reranker_offers_every_head_and_defaults_to_the_fit_default() -> N
         parser.parse_args([*command, "--head", "cls-linear"])
 
 
+def test_train_reranker_offers_every_labelling_and_defaults_to_the_recipe_default() -> None:
+    from typing import get_args
+
+    from sidecar.training.data import Labels
+    from sidecar.training.recipe import TrainOptions
+
+    command = ["train-reranker", "--dataset", "d", "--index", "i", "--out", "o"]
+    parser = _build_parser()
+    assert parser.parse_args(command).labels == TrainOptions().labels
+    for labels in get_args(Labels):
+        assert parser.parse_args([*command, "--labels", labels]).labels == labels
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--labels", "ordinal"])
+
+
 def test_train_reranker_offers_every_negative_sampling_and_defaults_to_the_recipe_default() -> None:
     from typing import get_args
 

@@ -148,6 +148,32 @@ def test_examples_label_relevant_one_and_negatives_zero() -> None:
     ]
 
 
+def test_graded_examples_label_each_relevant_document_its_grade_over_the_highest() -> None:
+    queries = {"q1": "first", "q2": "second"}
+    documents = {f"d{i}": f"text {i}" for i in range(1, 9)}
+    negatives = {"q1": ["d3"], "q2": ["d6"]}
+    graded = build_examples(queries, documents, QRELS, negatives, labels="graded")
+    assert graded == [
+        ("first", "text 1", 1.0),
+        ("first", "text 2", 0.5),
+        ("first", "text 3", 0.0),
+        ("second", "text 5", 0.5),
+        ("second", "text 6", 0.0),
+    ]
+    # The scale is the highest grade among the queries given: alone, q2's grade 1 is the top.
+    assert build_examples({"q2": "second"}, documents, QRELS, negatives, labels="graded") == [
+        ("second", "text 5", 1.0),
+        ("second", "text 6", 0.0),
+    ]
+    assert [label for *_, label in build_examples(queries, documents, QRELS, negatives)] == [
+        1.0,
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+    ]
+
+
 def test_examples_refuse_a_relevant_negative() -> None:
     with pytest.raises(ValueError, match="judged relevant"):
         build_examples({"q1": "first"}, {"d1": "one"}, QRELS, {"q1": ["d1"]})
@@ -285,6 +311,10 @@ def test_a_truncated_cross_encoder_saves_and_loads_with_its_new_depth(tmp_path: 
         (
             TrainOptions(cross_fit_folds=3, teacher="any-cross-encoder", layers=2),
             "distillation is not cross-fitted",
+        ),
+        (
+            TrainOptions(teacher="any-cross-encoder", layers=2, labels="graded"),
+            "no graded labels",
         ),
     ],
 )

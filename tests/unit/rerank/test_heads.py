@@ -80,6 +80,18 @@ def test_calibration_spreads_the_logits_around_the_labels_log_odds() -> None:
     assert np.argsort(predict(model, PAIRS)).tolist() == np.argsort(cosines).tolist()
 
 
+def test_calibration_to_graded_labels_centres_on_their_mean_not_the_share_above_zero() -> None:
+    model = cross_encoder_from_encoder(ENCODER, head="segment-cosine")
+    graded = [(query, text, label / 4) for query, text, label in PAIRS[:5]]  # 0.75 in all
+
+    calibrate_head(model, graded, seed=0)
+
+    expected = (0.75 + 1) / (5 + 2)
+    assert predict(model, graded).mean() == pytest.approx(
+        np.log(expected / (1 - expected)), abs=1e-4
+    )
+
+
 def test_calibration_keeps_the_cosines_order_whatever_the_labels_say() -> None:
     model = cross_encoder_from_encoder(ENCODER, head="segment-cosine")
     flipped = [(query, text, 1.0 - label) for query, text, label in PAIRS]

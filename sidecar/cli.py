@@ -23,7 +23,7 @@ from sidecar.config import DEFAULT_EMBEDDING_MODEL, Settings, Truncation
 from sidecar.local_opensearch.node import LocalNode, NodeStatus
 from sidecar.printed_commands import shown_path, sidecar_command
 from sidecar.retrieval.identity import basic_authorization
-from sidecar.training import HELDOUT_QRELS
+from sidecar.training import DEFAULT_FOLDS, FEW_VALIDATION_QUERIES, HELDOUT_QRELS
 
 if TYPE_CHECKING:
     from opensearchpy import OpenSearch
@@ -387,10 +387,13 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--cross-fit-folds",
         type=int,
-        default=0,
+        default=None,
         help="K >= 2: choose the serving choices on every train and validation query, each "
         "scored by one of K fold models trained on the other folds, and serve a model trained "
-        "on all of them (K + 1 trainings; --validation-share unused); 0: off",
+        "on all of them (K + 1 trainings; --validation-share unused); 0: off; default: "
+        f"{DEFAULT_FOLDS} folds when the validation share would hold fewer than "
+        f"{FEW_VALIDATION_QUERIES} queries and the schedule allows (one epoch, no checkpoint "
+        "choice, no teacher), else off",
     )
     train.add_argument("--epochs", type=int, default=1, help="at most, with early stopping")
     train.add_argument(

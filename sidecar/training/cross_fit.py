@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar.training import DEFAULT_FOLDS, FEW_VALIDATION_QUERIES
 from sidecar.training.data import Candidates, Example, ValidationQuery, query_folds
 from sidecar.training.fit import FitOptions, TrainingReport, train_cross_encoder
 from sidecar.training.selection import ScoredQuery, score_candidates
@@ -37,6 +38,20 @@ def check_cross_fit(folds: int, fit: FitOptions) -> None:
             "cross-fitting trains each model for one epoch, with no checkpoint chosen: a "
             "checkpoint chosen on the fold a model then scores would leave its logits in sample"
         )
+
+
+def default_folds(validation_queries: int, usable_queries: int, fit: FitOptions) -> int:
+    """The folds a fine-tune cross-fits in when none are asked for: DEFAULT_FOLDS, at most one
+    per usable query, when the validation share would hold fewer than FEW_VALIDATION_QUERIES and
+    the schedule can be cross-fitted (`check_cross_fit`); else 0, the validation share as it is."""
+    folds = min(DEFAULT_FOLDS, usable_queries)
+    if validation_queries >= FEW_VALIDATION_QUERIES or folds < 2:
+        return 0
+    try:
+        check_cross_fit(folds, fit)
+    except ValueError:
+        return 0
+    return folds
 
 
 @dataclass(frozen=True)

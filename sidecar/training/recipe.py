@@ -14,9 +14,9 @@ from sidecar.config import Normalization
 from sidecar.embedding import resolve_model_source
 from sidecar.evaluation import read_qrels, read_queries
 from sidecar.rerank.final_scorer import Serving, write_serving
-from sidecar.training import HELDOUT_QRELS
+from sidecar.training import FEW_VALIDATION_QUERIES, HELDOUT_QRELS
 from sidecar.training.card import write_model_card
-from sidecar.training.cross_fit import check_cross_fit, cross_fit_reranker
+from sidecar.training.cross_fit import check_cross_fit, cross_fit_reranker, default_folds
 from sidecar.training.data import (
     NEGATIVES_FILE,
     SPLITS_FILE,
@@ -72,8 +72,10 @@ class TrainOptions:
     layers: int | None = None
     fit: FitOptions = field(default_factory=FitOptions)
     # K >= 2: train and validation queries are not split but dealt into K folds and cross-fitted
-    # (`cross_fit`), so the serving choices rest on all of them; 0, the default, is off.
-    cross_fit_folds: int = 0
+    # (`cross_fit`), so the serving choices rest on all of them; 0 is off; None, the default,
+    # cross-fits a fine-tune whose validation share would be too few queries to choose by
+    # (`cross_fit.default_folds`).
+    cross_fit_folds: int | None = None
     # How the sidecar that will serve the model normalizes rerank scores, for the blend choice.
     normalization: Normalization = "sigmoid"
 
@@ -137,11 +139,23 @@ def train_reranker(
     usable, heldout = list(queries), list[str]()
     if options.holdout_share > 0:
         usable, heldout = split_queries(usable, options.holdout_share, fit.seed)
+    train_ids, validation_ids = split_queries(usable, options.validation_share, fit.seed)
+    chosen_by_default = options.cross_fit_folds is None and options.teacher is None
+    if chosen_by_default:
+        folds = default_folds(len(validation_ids), len(usable), fit)
+        chosen_by_default = folds > 0
+        if chosen_by_default:
+            log.info(
+                "cross-fitting in %d folds by default: a validation share of %d queries is "
+                "fewer than %d to choose by (--cross-fit-folds 0 keeps the split)",
+                folds,
+                len(validation_ids),
+                FEW_VALIDATION_QUERIES,
+            )
+        options = replace(options, cross_fit_folds=folds)
     if options.cross_fit_folds:
         # Every query is trained on and validated on, by different models.
         train_ids = validation_ids = sorted(usable)
-    else:
-        train_ids, validation_ids = split_queries(usable, options.validation_share, fit.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SPLITS_FILE).write_text(
         json.dumps({"train": train_ids, "validation": validation_ids, "heldout": heldout}, indent=1)
@@ -239,6 +253,11 @@ def train_reranker(
                 layers,
             )
             report, scored, cross_fitting = crossed.report, crossed.scored, crossed.description
+            if chosen_by_default:
+                cross_fitting = (
+                    f"by default, the validation share being fewer than {FEW_VALIDATION_QUERIES} "
+                    f"queries: {cross_fitting}"
+                )
         else:
             report = train_cross_encoder(
                 start,

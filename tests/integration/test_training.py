@@ -37,7 +37,7 @@ from sidecar.rerank.final_scorer import (
     write_serving,
 )
 from sidecar.rerank.heads import load_saved_cross_encoder
-from sidecar.training import HELDOUT_QRELS
+from sidecar.training import DEFAULT_FOLDS, FEW_VALIDATION_QUERIES, HELDOUT_QRELS
 from sidecar.training.data import NEGATIVES_FILE, SPLITS_FILE, build_triples, read_documents
 from sidecar.training.fit import score_margins, truncate_layers
 from tests.integration.conftest import Cluster
@@ -157,11 +157,12 @@ def trained(
     }
     try:
         with running_sidecar(opensearch.url, tiny_cross_encoder, encoder) as first_stage:
-            # Pre-training is this module's last test's: here the judgments alone, as before it.
+            # Pre-training is this module's last test's and cross-fitting its own test's: here
+            # the judgments alone, and the validation share.
             arguments = train_arguments(dataset, index, out, first_stage.url, opensearch.url)
             printed = io.StringIO()
             with redirect_stdout(printed):
-                assert main([*arguments, "--pseudo-queries", "0"]) == 0
+                assert main([*arguments, "--pseudo-queries", "0", "--cross-fit-folds", "0"]) == 0
             yield TrainedRun(dataset, index, out, qrels, queries, first_stage, printed.getvalue())
     finally:
         opensearch.client.indices.delete(index=index, ignore_unavailable=True)
@@ -400,12 +401,12 @@ def test_pseudo_query_pretraining_a_listwise_loss_and_early_stopping_train_and_s
         assert hit["score"] == pytest.approx(1 / (1 + math.exp(-hit["rerank_score"])))
 
 
-def test_cross_fitting_on_graded_labels_chooses_serving_on_every_query_and_serves_a_model_trained_on_all(
+def test_few_validation_queries_cross_fit_by_default_on_graded_labels_and_serve_a_model_trained_on_all(
     opensearch: Cluster, encoder: BiEncoder, trained: TrainedRun, tmp_path: Path
 ) -> None:
     out = tmp_path / "cross-fitted"
     arguments = trained.arguments(out, opensearch.url)
-    assert main([*arguments, "--cross-fit-folds", "2", "--labels", "graded"]) == 0
+    assert main([*arguments, "--labels", "graded"]) == 0
 
     splits = json.loads((out / SPLITS_FILE).read_text())
     assert splits["train"] == splits["validation"], "every query trained on and validated on"
@@ -413,7 +414,11 @@ def test_cross_fitting_on_graded_labels_chooses_serving_on_every_query_and_serve
     assert splits["heldout"] == json.loads((trained.out / SPLITS_FILE).read_text())["heldout"]
     usable = len(splits["train"])
     card = (out / "README.md").read_text()
-    assert "| cross-fitting | 2 fold models, each trained on the other folds' queries" in card
+    assert (
+        f"| cross-fitting | by default, the validation share being fewer than "
+        f"{FEW_VALIDATION_QUERIES} queries: {DEFAULT_FOLDS} fold models, each trained on the "
+        "other folds' queries"
+    ) in card
     assert f"out of fold over all {usable} queries" in card
     assert f"| validation queries | {usable} |" in card
     assert f"| training queries | {usable} |" in card, "the model served trained on all"

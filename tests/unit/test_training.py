@@ -20,7 +20,9 @@ from sidecar.rerank.backend import (
     has_relevance_head,
 )
 from sidecar.rerank.final_scorer import Signals
+from sidecar.training import DEFAULT_FOLDS, FEW_VALIDATION_QUERIES
 from sidecar.training.card import write_model_card
+from sidecar.training.cross_fit import default_folds
 from sidecar.training.data import (
     Example,
     NegativeSampling,
@@ -297,6 +299,18 @@ def test_a_truncated_cross_encoder_saves_and_loads_with_its_new_depth(tmp_path: 
     assert loaded.predict(pairs, convert_to_numpy=True) == pytest.approx(in_memory, abs=1e-5)
     assert is_cross_encoder(str(tmp_path / "student")), "its dense head is kept, not replaced"
     assert not is_cross_encoder(resolve_model_source(DEFAULT_EMBEDDING_MODEL))
+
+
+def test_few_validation_queries_cross_fit_by_default_where_the_schedule_allows() -> None:
+    few = FEW_VALIDATION_QUERIES - 1
+    assert default_folds(few, 180, FitOptions()) == DEFAULT_FOLDS
+    assert default_folds(FEW_VALIDATION_QUERIES, 647, FitOptions()) == 0, "enough to choose by"
+    assert default_folds(1, 3, FitOptions()) == 3, "at most one fold per query"
+    assert default_folds(0, 1, FitOptions()) == 0, "one query cannot be cross-fitted"
+    # A schedule that chooses checkpoints keeps the split rather than failing.
+    assert default_folds(few, 180, FitOptions(epochs=3)) == 0
+    assert default_folds(few, 180, FitOptions(early_stopping_patience=1)) == 0
+    assert default_folds(few, 180, FitOptions(checkpoint_steps=50)) == 0
 
 
 @pytest.mark.parametrize(

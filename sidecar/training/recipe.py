@@ -140,11 +140,10 @@ def train_reranker(
     if options.holdout_share > 0:
         usable, heldout = split_queries(usable, options.holdout_share, fit.seed)
     train_ids, validation_ids = split_queries(usable, options.validation_share, fit.seed)
-    chosen_by_default = options.cross_fit_folds is None and options.teacher is None
-    if chosen_by_default:
-        folds = default_folds(len(validation_ids), len(usable), fit)
-        chosen_by_default = folds > 0
-        if chosen_by_default:
+    folds = options.cross_fit_folds
+    if folds is None:  # only where the validation share is too few queries to choose by
+        folds = 0 if options.teacher else default_folds(len(validation_ids), len(usable), fit)
+        if folds:
             log.info(
                 "cross-fitting in %d folds by default: a validation share of %d queries is "
                 "fewer than %d to choose by (--cross-fit-folds 0 keeps the split)",
@@ -152,7 +151,8 @@ def train_reranker(
                 len(validation_ids),
                 FEW_VALIDATION_QUERIES,
             )
-        options = replace(options, cross_fit_folds=folds)
+    cross_fitted_by_default = options.cross_fit_folds is None and folds > 0
+    options = replace(options, cross_fit_folds=folds)
     if options.cross_fit_folds:
         # Every query is trained on and validated on, by different models.
         train_ids = validation_ids = sorted(usable)
@@ -253,7 +253,7 @@ def train_reranker(
                 layers,
             )
             report, scored, cross_fitting = crossed.report, crossed.scored, crossed.description
-            if chosen_by_default:
+            if cross_fitted_by_default:
                 cross_fitting = (
                     f"by default, the validation share being fewer than {FEW_VALIDATION_QUERIES} "
                     f"queries: {cross_fitting}"
@@ -295,16 +295,12 @@ def train_reranker(
             for d, e in figures["depths"].items()
         },
     )
-    labelled = (
-        ""
-        if options.teacher is not None
-        else "; relevant documents labelled "
-        + (
-            "their grade over the highest grade judged"
-            if options.labels == "graded"
-            else "1 whatever their grade"
-        )
-    )
+    if options.teacher is not None:
+        labelled = ""  # the teacher's margins are the targets
+    elif options.labels == "graded":
+        labelled = "; relevant documents labelled their grade over the highest grade judged"
+    else:
+        labelled = "; relevant documents labelled 1 whatever their grade"
     description = (
         f"`{qrels_path}` of `{dataset}`{labelled}; negatives: {negatives_described}; "
         f"{len(heldout)} queries held out (`{HELDOUT_QRELS}`)"

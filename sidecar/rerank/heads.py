@@ -149,12 +149,12 @@ def load_saved_cross_encoder(source: str, **kwargs: Any) -> Any:
 def calibrate_head(model: Any, pairs: Sequence[tuple[str, str, float]], seed: int) -> bool:
     """Set a fresh segment-cosine head's scale and bias from (a seeded sample of) `pairs`: the
     logits of the sample get a standard deviation of 1 around the log-odds of its mean label (the
-    share of positives with 1/0 labels; Laplace-smoothed), so training starts from logits on the labels' scale rather than
-    from cosines packed near 0.85 whose sigmoids are the same for every pair. The scale stays
-    positive, the cosine's order kept: a fit of the labels would flip it, since the hard
-    negatives are the first stage's best non-relevant candidates and come out closer to the query
-    than the average relevant document (Cranfield's training pairs: mean cosine 0.866 against
-    0.843). Returns whether `model` has such a head (otherwise nothing is done).
+    share of positives with 1/0 labels; Laplace-smoothed), so training starts from logits on the
+    labels' scale rather than from cosines packed near 0.85 whose sigmoids are the same for every
+    pair. The scale stays positive, the cosine's order kept: a fit of the labels would flip it,
+    since the hard negatives are the first stage's best non-relevant candidates and come out
+    closer to the query than the average relevant document (Cranfield's training pairs: mean
+    cosine 0.866 against 0.843). Returns whether `model` has such a head (otherwise nothing is done).
     """
     import math
 
@@ -175,8 +175,8 @@ def calibrate_head(model: Any, pairs: Sequence[tuple[str, str, float]], seed: in
     if not spread > 0:
         return True  # one pair, or all alike: the identity stays
     # Graded labels count by their weight, as the loss will.
-    positives = sum(label for _, _, label in sample)
-    prior = (positives + 1) / (len(sample) + 2)
+    positive_weight = sum(label for _, _, label in sample)
+    prior = (positive_weight + 1) / (len(sample) + 2)
     with torch.no_grad():
         head.scale.fill_(1.0 / spread)
         head.bias.fill_(math.log(prior / (1 - prior)) - float(cosines.mean()) / spread)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from sidecar.bench import read_queries
 from sidecar.device import select_dtype
+from sidecar.documents import DocKey
 from sidecar.indexing.corpus import read_corpus
 from sidecar.metrics import Metrics
 from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
@@ -451,7 +452,9 @@ async def _measure_cache(
     """The same request twice through the server's own Reranker: cold (every pair scored), then
     warm (every score from the cache). Pairs through the model are read back from the metrics."""
     metrics = Metrics(CollectorRegistry())
-    documents = [RerankDocument(str(index), text) for index, text in enumerate(texts)]
+    documents = [
+        RerankDocument(DocKey("bench", str(index)), text) for index, text in enumerate(texts)
+    ]
     with (
         ThreadPoolExecutor(1, thread_name_prefix="bench-model") as model_executor,
         ThreadPoolExecutor(1, thread_name_prefix="bench-prepare") as prepare_executor,

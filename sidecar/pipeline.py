@@ -308,7 +308,7 @@ class SearchPipeline:
         readable = [i for i, text in enumerate(texts[:within_depth]) if text.strip()]
         if enabled and candidates:
             stage = time.perf_counter()
-            documents = [RerankDocument(candidates[i].id, texts[i]) for i in readable]
+            documents = [RerankDocument(candidates[i].key, texts[i]) for i in readable]
             empty_text = sum(not text.strip() for text in texts)
             below_depth = sum(bool(text.strip()) for text in texts[within_depth:])
             self.metrics.rerank_empty_text.inc(empty_text)

@@ -121,6 +121,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     original = response["hits"]["hits"]
     candidates = [
         Candidate(
+            index=hit["_index"],
             id=hit["_id"],
             source=hit.get("_source") or {},
             fused_score=float(hit["_score"]) if isinstance(hit.get("_score"), int | float) else 0.0,

@@ -192,7 +192,7 @@ async def native_search(request: web.Request) -> web.Response:
     if search.explain:
         # Each retriever's own ranked list, before fusion cut the union to `candidates`.
         answer["retrievers"] = {
-            name: [{"id": hit.id, "score": finite(hit.score)} for hit in hits]
+            name: [{"index": hit.index, "id": hit.id, "score": finite(hit.score)} for hit in hits]
             for name, hits in (
                 ("lexical", result.retrieved.lexical),
                 ("vector", result.retrieved.vector),
@@ -230,6 +230,7 @@ def _first_stage(result: SearchResult) -> dict[str, Any]:
 def _native_hit(hit: RankedHit, explain: bool) -> dict[str, Any]:
     candidate = hit.candidate
     entry: dict[str, Any] = {
+        "index": candidate.index,
         "id": candidate.id,
         "score": finite(hit.score),
         "rerank_score": finite(hit.rerank_score),

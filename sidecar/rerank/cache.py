@@ -1,7 +1,8 @@
 """The rerank score cache: repeated (query, document) pairs skip inference.
 
-Keys carry the model's identity, so a new model or revision never reads old scores; they carry a
-hash of the document's text, so an updated document is scored again. Touched only from the event
+Keys carry the model's identity, so a new model or revision never reads old scores; the document
+as (index, id), so two indexes sharing an id never share an entry; and a hash of the document's
+text, so an updated document is scored again. Touched only from the event
 loop thread (the reranker's owner), so it needs no lock.
 """
 
@@ -14,7 +15,10 @@ from collections.abc import Callable, Sequence
 
 from cachetools import TTLCache
 
-CacheKey = tuple[str, str, str, str]
+from sidecar.documents import DocKey
+
+# (model identity, normalized query, index, id, text hash)
+CacheKey = tuple[str, str, str, str, str]
 
 
 def normalize_query(text: str) -> str:
@@ -28,7 +32,7 @@ def content_hash(text: str) -> str:
 
 
 class ScoreCache:
-    """LRU + TTL, bounded by entry count (one entry: a key of four short strings and a float)."""
+    """LRU + TTL, bounded by entry count (one entry: a key of five short strings and a float)."""
 
     def __init__(
         self, max_entries: int, ttl_s: float, timer: Callable[[], float] = time.monotonic
@@ -38,8 +42,14 @@ class ScoreCache:
         )
 
     @staticmethod
-    def key(model_identity: str, query: str, doc_id: str, text: str) -> CacheKey:
-        return (model_identity, normalize_query(query), doc_id, content_hash(text))
+    def key(model_identity: str, query: str, document: DocKey, text: str) -> CacheKey:
+        return (
+            model_identity,
+            normalize_query(query),
+            document.index,
+            document.id,
+            content_hash(text),
+        )
 
     def get_many(self, keys: Sequence[CacheKey]) -> list[float | None]:
         return [self._scores.get(key) for key in keys]

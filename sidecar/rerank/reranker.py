@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sidecar.config import Truncation
+from sidecar.documents import DocKey
 from sidecar.metrics import Metrics
 from sidecar.rerank.backend import RerankBackend, ScoringPair
 from sidecar.rerank.batcher import MicroBatcher
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RerankDocument:
-    id: str
+    key: DocKey
     text: str
 
 
@@ -82,7 +83,7 @@ class Reranker:
         bound the wait with their deadline; cancelling releases the queued pairs.
         """
         namespace = f"{self.backend.identity}|{truncation}"
-        keys = [ScoreCache.key(namespace, query, doc.id, doc.text) for doc in documents]
+        keys = [ScoreCache.key(namespace, query, doc.key, doc.text) for doc in documents]
         logits: list[float | None] = (
             await self._cached_logits(keys) if read_cache else [None] * len(keys)
         )

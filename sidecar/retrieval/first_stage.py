@@ -150,6 +150,11 @@ def _raise_unless_dls_hybrid_bug(error: UpstreamError) -> None:
 
 def _hits(response: Mapping[str, Any]) -> Sequence[RetrieverHit]:
     return [
-        RetrieverHit(id=hit["_id"], score=float(hit["_score"]), source=hit.get("_source", {}))
+        RetrieverHit(
+            index=hit["_index"],
+            id=hit["_id"],
+            score=float(hit["_score"]),
+            source=hit.get("_source", {}),
+        )
         for hit in response["hits"]["hits"]
     ]

@@ -1,6 +1,7 @@
 import pytest
 
-from sidecar.rerank.cache import ScoreCache, content_hash, normalize_query
+from sidecar.documents import DocKey
+from sidecar.rerank.cache import CacheKey, ScoreCache, content_hash, normalize_query
 
 MODEL = "cross-encoder/ms-marco-MiniLM-L-6-v2@rev1"
 
@@ -21,9 +22,13 @@ def make_cache(max_entries: int = 100, ttl_s: float = 60.0) -> tuple[ScoreCache,
 
 
 def key(
-    query: str = "what is bm25", doc_id: str = "d1", text: str = "BM25 ranks...", model: str = MODEL
-) -> tuple[str, str, str, str]:
-    return ScoreCache.key(model, query, doc_id, text)
+    query: str = "what is bm25",
+    doc_id: str = "d1",
+    text: str = "BM25 ranks...",
+    model: str = MODEL,
+    index: str = "docs",
+) -> CacheKey:
+    return ScoreCache.key(model, query, DocKey(index, doc_id), text)
 
 
 @pytest.mark.parametrize(
@@ -71,10 +76,11 @@ def test_query_variants_share_one_entry() -> None:
     [
         key(model="cross-encoder/ms-marco-MiniLM-L-6-v2@rev2"),
         key(doc_id="d2"),
+        key(index="docs-000002"),  # the same id in another index is another document
         key(text="BM25 ranks... (edited)"),
         key(query="what is tf-idf"),
     ],
-    ids=["model", "doc-id", "content", "query"],
+    ids=["model", "doc-id", "index", "content", "query"],
 )
 def test_keys_differ_by_model_document_content_and_query(other: tuple[str, ...]) -> None:
     cache, _ = make_cache()

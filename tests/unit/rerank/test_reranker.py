@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from prometheus_client import CollectorRegistry
 
 from sidecar.config import Truncation
+from sidecar.documents import DocKey
 from sidecar.metrics import Metrics
 from sidecar.rerank.backend import ScoringPair
 from sidecar.rerank.batcher import BatchLimits, MicroBatcher
@@ -74,9 +75,9 @@ def test_document_score_is_the_best_chunk_and_scores_keep_document_order() -> No
     backend = FakeBackend()
     with ThreadPoolExecutor(1) as executor:
         documents = [
-            RerankDocument("a", "x | cat cat | x"),
-            RerankDocument("b", "cat"),
-            RerankDocument("c", "dog"),
+            RerankDocument(DocKey("docs", "a"), "x | cat cat | x"),
+            RerankDocument(DocKey("docs", "b"), "cat"),
+            RerankDocument(DocKey("docs", "c"), "dog"),
         ]
         result = rerank(backend, ScoreCache(100, 60.0), executor, "cat", documents, "max_chunk")
     assert result.logits == [2.0, 1.0, 0.0]
@@ -87,7 +88,10 @@ def test_document_score_is_the_best_chunk_and_scores_keep_document_order() -> No
 def test_cached_documents_skip_the_model_and_truncation_modes_do_not_share_scores() -> None:
     backend = FakeBackend()
     cache = ScoreCache(100, 60.0)
-    documents = [RerankDocument("a", "cat | cat cat"), RerankDocument("b", "cat dog")]
+    documents = [
+        RerankDocument(DocKey("docs", "a"), "cat | cat cat"),
+        RerankDocument(DocKey("docs", "b"), "cat dog"),
+    ]
     with ThreadPoolExecutor(1) as executor:
         first = rerank(backend, cache, executor, "cat", documents, "first")
         scored_once = len(backend.scored)
@@ -103,7 +107,7 @@ def test_cached_documents_skip_the_model_and_truncation_modes_do_not_share_score
 def test_cache_reads_can_be_skipped_while_scores_are_still_stored() -> None:
     backend = FakeBackend()
     cache = ScoreCache(100, 60.0)
-    documents = [RerankDocument("a", "cat cat")]
+    documents = [RerankDocument(DocKey("docs", "a"), "cat cat")]
     with ThreadPoolExecutor(1) as executor:
 
         async def run() -> tuple[RerankScores, RerankScores]:

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from sidecar.app import shared_score_cache
 from sidecar.config import Settings, SettingsError
+from sidecar.documents import DocKey
 from sidecar.metrics import Metrics
 from sidecar.rerank.cache import ScoreCache
 from sidecar.rerank.shared_cache import (
@@ -27,19 +28,21 @@ from tests.unit.rerank.test_cache import FakeTimer
 
 MODEL = "cross-encoder/ms-marco-MiniLM-L-6-v2@rev1|first"
 PASSWORD = "s3cret-pa55"
+D1 = DocKey("docs-000001", "d1")
 
 
 def test_keys_are_prefixed_hashes_that_differ_in_every_part_and_hide_the_query() -> None:
-    base = ScoreCache.key(MODEL, "What is BM25?", "d1", "BM25 ranks...")
+    base = ScoreCache.key(MODEL, "What is BM25?", D1, "BM25 ranks...")
     variants = [
-        ScoreCache.key("other-model@rev1|first", "What is BM25?", "d1", "BM25 ranks..."),
-        ScoreCache.key(MODEL.replace("first", "max_chunk"), "What is BM25?", "d1", "BM25 ranks..."),
-        ScoreCache.key(MODEL, "What is TF-IDF?", "d1", "BM25 ranks..."),
-        ScoreCache.key(MODEL, "What is BM25?", "d2", "BM25 ranks..."),
-        ScoreCache.key(MODEL, "What is BM25?", "d1", "BM25 ranks, updated"),
+        ScoreCache.key("other-model@rev1|first", "What is BM25?", D1, "BM25 ranks..."),
+        ScoreCache.key(MODEL.replace("first", "max_chunk"), "What is BM25?", D1, "BM25 ranks..."),
+        ScoreCache.key(MODEL, "What is TF-IDF?", D1, "BM25 ranks..."),
+        ScoreCache.key(MODEL, "What is BM25?", DocKey("docs-000001", "d2"), "BM25 ranks..."),
+        ScoreCache.key(MODEL, "What is BM25?", DocKey("docs-000002", "d1"), "BM25 ranks..."),
+        ScoreCache.key(MODEL, "What is BM25?", D1, "BM25 ranks, updated"),
     ]
     key = shared_key(base)
-    assert key == shared_key(ScoreCache.key(MODEL, "  what is bm25? ", "d1", "BM25 ranks..."))
+    assert key == shared_key(ScoreCache.key(MODEL, "  what is bm25? ", D1, "BM25 ranks..."))
     assert key.startswith(KEY_PREFIX)
     assert len(key) == len(KEY_PREFIX) + 32
     assert "bm25" not in key.lower()

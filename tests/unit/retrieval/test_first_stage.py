@@ -35,7 +35,11 @@ QUERY = FirstStageQuery(
 
 
 def hits(*scored: tuple[str, float]) -> dict[str, Any]:
-    return {"hits": {"hits": [{"_id": i, "_score": s, "_source": {}} for i, s in scored]}}
+    return {
+        "hits": {
+            "hits": [{"_index": "docs", "_id": i, "_score": s, "_source": {}} for i, s in scored]
+        }
+    }
 
 
 LEXICAL = hits(("a", 3.0), ("b", 2.0), ("c", 1.0))

@@ -1,4 +1,5 @@
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -14,7 +15,8 @@ from sidecar.retrieval.fusion import (
 
 def hits(*pairs: tuple[str, float]) -> list[RetrieverHit]:
     return [
-        RetrieverHit(id=doc_id, score=score, source={"title": doc_id}) for doc_id, score in pairs
+        RetrieverHit(index="docs", id=doc_id, score=score, source={"title": doc_id})
+        for doc_id, score in pairs
     ]
 
 
@@ -62,14 +64,43 @@ def test_provenance_records_exact_ranks_and_raw_scores() -> None:
 
 
 def test_source_comes_from_the_lexical_hit_when_both_lists_have_it() -> None:
-    lexical = [RetrieverHit("a", 1.0, {"from": "lexical"})]
+    lexical = [RetrieverHit("docs", "a", 1.0, {"from": "lexical"})]
     vector = [
-        RetrieverHit("a", 0.5, {"from": "vector"}),
-        RetrieverHit("v", 0.4, {"from": "vector"}),
+        RetrieverHit("docs", "a", 0.5, {"from": "vector"}),
+        RetrieverHit("docs", "v", 0.4, {"from": "vector"}),
     ]
     fused = by_id(fuse_rrf(lexical, vector))
     assert fused["a"].source == {"from": "lexical"}
     assert fused["v"].source == {"from": "vector"}
+
+
+@pytest.mark.parametrize("fuse", [fuse_rrf, fuse_convex])
+def test_one_id_in_two_indexes_is_two_documents_and_both_means_same_index_and_id(
+    fuse: Callable[..., list[Candidate]],
+) -> None:
+    # Two generations behind one alias share id "a"; the vector list found only the older one.
+    lexical = [
+        RetrieverHit("docs-000002", "a", 3.0, {"gen": 2}),
+        RetrieverHit("docs-000001", "a", 2.0, {"gen": 1}),
+    ]
+    vector = [RetrieverHit("docs-000001", "a", 0.9, {"gen": 1})]
+    fused = {(c.index, c.id): c for c in fuse(lexical, vector)}
+    assert set(fused) == {("docs-000001", "a"), ("docs-000002", "a")}
+    assert fused["docs-000001", "a"].provenance == "both"
+    assert fused["docs-000001", "a"].lexical == SourceRank(rank=2, score=2.0)
+    assert fused["docs-000002", "a"].provenance == "lexical_only"
+    assert fused["docs-000002", "a"].source == {"gen": 2}
+
+
+def test_server_fused_hits_find_their_ranks_by_index_and_id() -> None:
+    fused = [RetrieverHit("new", "a", 0.9, {}), RetrieverHit("old", "a", 0.8, {})]
+    lexical = [RetrieverHit("old", "a", 5.0, {})]
+    vector = [RetrieverHit("new", "a", 0.7, {})]
+    candidates = attach_provenance(fused, lexical, vector)
+    assert [(c.index, c.provenance) for c in candidates] == [
+        ("new", "vector_only"),
+        ("old", "lexical_only"),
+    ]
 
 
 def test_equal_scores_are_ordered_by_best_rank_then_id() -> None:
@@ -193,9 +224,9 @@ def test_rank_constant_below_one_is_rejected(rank_constant: int) -> None:
 
 def test_attach_provenance_keeps_server_order_and_scores() -> None:
     fused = [
-        RetrieverHit("a", 0.9, {"from": "fused"}),
-        RetrieverHit("z", 0.8, {"from": "fused"}),
-        RetrieverHit("b", 0.5, {"from": "fused"}),
+        RetrieverHit("docs", "a", 0.9, {"from": "fused"}),
+        RetrieverHit("docs", "z", 0.8, {"from": "fused"}),
+        RetrieverHit("docs", "b", 0.5, {"from": "fused"}),
     ]
     candidates = attach_provenance(fused, LEXICAL, VECTOR)
     assert [(c.id, c.fused_score) for c in candidates] == [("a", 0.9), ("z", 0.8), ("b", 0.5)]

@@ -54,8 +54,22 @@ class VectorField:
 
 
 @dataclass(frozen=True)
+class VectorDisagreement:
+    """A vector field that the indexes behind one name (an alias, a pattern, a data stream) do not
+    all map alike: a k-NN query on it would fail on some of them, so it is not used."""
+
+    path: str
+    # (concrete index, how it maps the field or "not mapped"), in the mapping answer's order.
+    mapped_as: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        return f"{self.path!r} (" + "; ".join(f"{i}: {how}" for i, how in self.mapped_as) + ")"
+
+
+@dataclass(frozen=True)
 class MappingInfo:
-    """What the first stage needs to know of an index's mapping (all concrete indexes merged)."""
+    """What the first stage needs to know of an index expression's mapping: every concrete index
+    behind it (an alias, a pattern, a comma list or a data stream's backing indexes) merged."""
 
     indexes: tuple[str, ...]
     text_fields: tuple[str, ...]
@@ -64,19 +78,22 @@ class MappingInfo:
     filterable_fields: frozenset[str]
     # `_meta.sidecar` of indexes made by `sidecar index create`.
     sidecar_meta: Mapping[str, Any] = field(default_factory=dict)
+    # Vector fields left out because the indexes disagree on them.
+    disagreements: tuple[VectorDisagreement, ...] = ()
 
     @classmethod
     def from_response(cls, response: Mapping[str, Any]) -> MappingInfo:
-        """From `GET <index>/_mapping`: text fields in mapping order (union over the indexes);
-        a vector field counts only when every index maps it alike."""
+        """From `GET <expression>/_mapping` (one entry per concrete index): text fields in
+        mapping order, the union over the indexes; a vector field counts only when every index
+        maps it alike (type, dimension, model), else it is recorded as a disagreement."""
         text: dict[str, None] = {}
-        vectors: dict[str, VectorField | None] = {}
+        per_index: dict[str, dict[str, VectorField]] = {}
         filterable: set[str] = set(_METADATA_FIELDS)
         meta: dict[str, Any] = {}
-        for position, body in enumerate(response.values()):
+        for index, body in response.items():
             mappings = body.get("mappings", {})
             meta = meta or dict(mappings.get("_meta", {}).get("sidecar", {}))
-            found: dict[str, VectorField] = {}
+            found = per_index.setdefault(index, {})
             for path, spec, nested in _walk(mappings.get("properties", {})):
                 kind = spec.get("type", "object")
                 if kind in _TEXT_TYPES and not nested:
@@ -88,17 +105,28 @@ class MappingInfo:
                 if kind not in _NOT_FILTERABLE_TYPES and spec.get("index", True) is not False:
                     filterable.add(path)
                     filterable.update(f"{path}.{sub}" for sub in spec.get("fields", {}))
-            for path in dict.fromkeys([*vectors, *found]):  # in mapping order
-                if position == 0:
-                    vectors[path] = found.get(path)
-                elif vectors.get(path) != found.get(path):
-                    vectors[path] = None
+        agreed: list[VectorField] = []
+        disagreements: list[VectorDisagreement] = []
+        paths = dict.fromkeys(path for found in per_index.values() for path in found)
+        for path in paths:  # in mapping order
+            seen = {index: found.get(path) for index, found in per_index.items()}
+            first = next(iter(seen.values()))
+            if first is not None and all(v == first for v in seen.values()):
+                agreed.append(first)
+            else:
+                disagreements.append(
+                    VectorDisagreement(
+                        path,
+                        tuple((index, _vector_kind(v)) for index, v in seen.items()),
+                    )
+                )
         return cls(
             indexes=tuple(response),
             text_fields=tuple(text),
-            vector_fields=tuple(v for v in vectors.values() if v is not None),
+            vector_fields=tuple(agreed),
             filterable_fields=frozenset(filterable),
             sidecar_meta=meta,
+            disagreements=tuple(disagreements),
         )
 
 
@@ -201,6 +229,11 @@ def build_profile(
         origins[part] = "default"
         return default
 
+    if mapping is not None and not mapping.indexes:
+        raise ProfileError(
+            f"{index!r} matches no index (or none this caller may read); name an existing index, "
+            "alias, data stream or pattern"
+        )
     text_fields = mapping.text_fields if mapping and mapping.text_fields else None
     lexical_fields = pick("lexical.fields", cfg.lexical.fields, text_fields, None)
     if lexical_fields is None:
@@ -311,6 +344,7 @@ def _resolve_vector(
             raise ProfileError(
                 f"profile for {index!r} names vector.field {cfg.field!r}, which {index!r} does "
                 f"not map as a knn_vector or semantic field (found: {_vector_list(mapping)})"
+                + _disagreement_note(index, mapping)
             )
         embedding = cfg.embedding or ("neural" if found and found.type == "semantic" else "local")
         dimension = found.dimension if found else None
@@ -350,19 +384,37 @@ def _no_vector_reason(index: str, mapping: MappingInfo | None, dimension: int) -
     found = _vector_list(mapping) if mapping else "mapping unknown"
     return (
         f"index {index!r} has no knn_vector field of dimension {dimension} (the bi-encoder's) "
-        f"and no single semantic field (found: {found})"
+        f"and no single semantic field (found: {found})" + _disagreement_note(index, mapping)
     )
+
+
+def _disagreement_note(index: str, mapping: MappingInfo | None) -> str:
+    """What to tell about the indexes behind `index` that map a vector field differently."""
+    if mapping is None or not mapping.disagreements:
+        return ""
+    fields = ", ".join(d.describe() for d in mapping.disagreements)
+    return (
+        f"; the indexes behind {index!r} do not map these vector fields alike: {fields}. "
+        "Map the field alike in every index (e.g. reindex the odd ones from the same template), "
+        "or search the indexes that agree, or configure a profile for the name with "
+        "vector.embedding = none for a lexical-only first stage"
+    )
+
+
+def _vector_kind(vector: VectorField | None) -> str:
+    if vector is None:
+        return "not mapped"
+    if vector.dimension is not None:
+        return f"{vector.type}, dimension {vector.dimension}"
+    if vector.model_id is not None:
+        return f"{vector.type}, model {vector.model_id}"
+    return vector.type
 
 
 def _vector_list(mapping: MappingInfo) -> str:
     if not mapping.vector_fields:
         return "no vector fields"
-    return ", ".join(
-        f"{v.path} ({v.type}, dimension {v.dimension})"
-        if v.dimension is not None
-        else f"{v.path} ({v.type})"
-        for v in mapping.vector_fields
-    )
+    return ", ".join(f"{v.path} ({_vector_kind(v)})" for v in mapping.vector_fields)
 
 
 def _tuple(value: Any) -> tuple[str, ...] | None:

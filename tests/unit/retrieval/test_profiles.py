@@ -210,6 +210,93 @@ def test_vector_field_must_be_mapped_alike_in_every_index() -> None:
     assert MappingInfo.from_response(response).vector_fields == ()
 
 
+def generation(index: str, vector: dict[str, Any] | None, **text: str) -> dict[str, Any]:
+    properties: dict[str, Any] = {name: {"type": kind} for name, kind in text.items()}
+    if vector is not None:
+        properties["v"] = vector
+    return {index: {"mappings": {"properties": properties}}}
+
+
+KNN_384 = {"type": "knn_vector", "dimension": 384, "method": {"engine": "lucene"}}
+
+
+def test_indexes_behind_an_alias_that_agree_on_the_vector_serve_with_the_union_of_text() -> None:
+    # Same field and dimension (engines may differ); the newer generation added a text field.
+    response = {
+        **generation("docs-000001", KNN_384, title="text"),
+        **generation(
+            "docs-000002", {**KNN_384, "method": {"engine": "faiss"}}, title="text", body="text"
+        ),
+    }
+    info = MappingInfo.from_response(response)
+    assert info.indexes == ("docs-000001", "docs-000002")
+    assert info.disagreements == ()
+    profile = build_profile(
+        "docs",
+        None,
+        info,
+        local_model=MODEL,
+        local_dimensions={MODEL: 384},
+        allow_lexical_only=False,
+    )
+    assert (profile.vector_field, profile.dimension) == ("v", 384)
+    assert profile.lexical_fields == ("title", "body")
+
+
+@pytest.mark.parametrize(
+    ("older", "said"),
+    [
+        ({"type": "knn_vector", "dimension": 768}, "docs-000001: knn_vector, dimension 768"),
+        (None, "docs-000001: not mapped"),
+    ],
+    ids=["other-dimension", "missing"],
+)
+def test_indexes_that_disagree_on_the_vector_are_refused_naming_each_index(
+    older: dict[str, Any] | None, said: str
+) -> None:
+    response = {
+        **generation("docs-000001", older, title="text"),
+        **generation("docs-000002", KNN_384, title="text"),
+    }
+    info = MappingInfo.from_response(response)
+    with pytest.raises(ProfileError) as refused:
+        build_profile(
+            "docs-*",
+            None,
+            info,
+            local_model=MODEL,
+            local_dimensions={MODEL: 384},
+            allow_lexical_only=False,
+        )
+    message = str(refused.value)
+    assert said in message
+    assert "docs-000002: knn_vector, dimension 384" in message
+    assert "the indexes behind 'docs-*' do not map these vector fields alike" in message
+    assert "vector.embedding = none" in message
+    configured = parse_profiles({"docs-*": {"vector": {"field": "v"}}})
+    with pytest.raises(ProfileError, match=said):
+        build_profile(
+            "docs-*",
+            match_profile(configured, "docs-*"),
+            info,
+            local_model=MODEL,
+            local_dimensions={MODEL: 384},
+            allow_lexical_only=False,
+        )
+
+
+def test_a_pattern_that_matches_no_index_says_so() -> None:
+    with pytest.raises(ProfileError, match="'nothing-\\*' matches no index"):
+        build_profile(
+            "nothing-*",
+            None,
+            MappingInfo.from_response({}),
+            local_model=MODEL,
+            local_dimensions={MODEL: 384},
+            allow_lexical_only=True,
+        )
+
+
 def test_exact_name_wins_over_patterns_and_patterns_go_in_file_order() -> None:
     configs = parse_profiles({"logs-*": {}, "logs-a*": {}, "logs-app": {}})
     assert match_profile(configs, "logs-app") is not None

@@ -90,7 +90,8 @@ class WritePath:
         profile = await self._profiles.for_write(index, caller)
         if profile is None:
             return None
-        return await self._apply([body], [_Item("index", index, None, None, profile, 0)], None)
+        item = _Item("index", index, None, None, profile, 0)
+        return await self._apply([body], [item], None, caller)
 
     async def update(
         self,
@@ -107,7 +108,7 @@ class WritePath:
         if profile is None:
             return None
         item = _Item("update", index, doc_id, routing, profile, 0)
-        return await self._apply([body], [item], fetch)
+        return await self._apply([body], [item], fetch, caller)
 
     async def bulk(
         self,
@@ -155,14 +156,18 @@ class WritePath:
             )
         if not any(item.profile is not None for item in items):
             return None
-        return await self._apply(lines, items, fetch)
+        return await self._apply(lines, items, fetch, caller)
 
     async def _apply(
-        self, lines: list[bytes], items: Sequence[_Item], fetch: Fetch | None
+        self,
+        lines: list[bytes],
+        items: Sequence[_Item],
+        fetch: Fetch | None,
+        caller: Mapping[str, str] | None,
     ) -> bytes | None:
         """`lines` joined again, with the vector added to every item that needs one."""
         sources = {item.line: _object(lines[item.line]) for item in items if item.line is not None}
-        state = await self._stored(items, sources, fetch)
+        state = await self._stored(items, sources, fetch, caller)
         edits: list[_Edit] = []
         kept = 0
         for item in items:
@@ -203,9 +208,13 @@ class WritePath:
         items: Sequence[_Item],
         sources: Mapping[int, dict[str, Any] | None],
         fetch: Fetch | None,
+        caller: Mapping[str, str] | None,
     ) -> dict[tuple[str, str], dict[str, Any] | None]:
         """The stored text fields of every document a partial update needs merged, unless an
-        earlier item of the same request wrote or deleted it (None: no such document)."""
+        earlier item of the same request wrote or deleted it (None: no such document).
+
+        An update through an alias over several indexes (a write alias after a rollover) lands
+        in the alias's write index, and `_mget` refuses such an alias: it reads that index."""
         seen: set[tuple[str, str]] = set()
         wanted: list[_Item] = []
         for item in items:
@@ -224,8 +233,14 @@ class WritePath:
             seen.add(item.key)
         if not wanted or fetch is None:
             return {}
+        # Asked every time (the profile's cached mapping may predate a rollover).
+        targets = {w.index: await self._profiles.write_index(w.index, caller) for w in wanted}
         docs = [
-            {"_index": w.index, "_id": w.doc_id, "_source": list(w.profile.text_fields)}
+            {
+                "_index": targets.get(w.index, w.index),
+                "_id": w.doc_id,
+                "_source": list(w.profile.text_fields),
+            }
             | ({"routing": w.routing} if w.routing is not None else {})
             for w in wanted
             if w.profile is not None

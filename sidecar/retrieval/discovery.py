@@ -74,18 +74,19 @@ class ProfileResolver:
         self, index: str, headers: Mapping[str, str] | None = None
     ) -> IndexProfile | None:
         """The profile of a write target when its documents get vectors here, else None (the write
-        passes through). An index that does not exist yet gets vectors only from a configured
-        profile naming its vector field. Raises ProfileError only for a profile configured to
-        embed on write that cannot work (the write would otherwise go without its vector)."""
+        passes through). An index (or data stream) that does not exist yet is judged by the
+        mapping the cluster's index templates would give it, else by a configured profile naming
+        its vector field. Raises ProfileError only for a profile configured to embed on write
+        that cannot work (the write would otherwise go without its vector)."""
         configured = match_profile(self._configs, index)
         try:
             mapping: MappingInfo | None = await self._mapping(index, headers)
         except UpstreamError as error:
             if error.status != 404:
                 raise
-            if configured is None or configured[1].vector.field is None:
+            mapping = await self._templated_mapping(index, headers)
+            if mapping is None and (configured is None or configured[1].vector.field is None):
                 return None
-            mapping = None
         try:
             profile = self._build(index, mapping, need_vector=False)
         except ProfileError:
@@ -93,6 +94,21 @@ class ProfileResolver:
                 raise
             return None
         return profile if profile.embed_on_write else None
+
+    async def write_index(self, name: str, headers: Mapping[str, str] | None = None) -> str:
+        """The concrete index a single-document write to `name` lands in: an alias's write index
+        (its only index when it has one), else `name` itself. Read afresh every time, since a
+        rollover moves it; when the cluster will not say, `name` (the cluster then answers for
+        it as it would without the sidecar)."""
+        try:
+            aliases = await self._upstream.aliases(name, headers)
+        except UpstreamError:
+            return name
+        holders = [index for index, entry in aliases.items() if name in entry.get("aliases", {})]
+        for index in holders:
+            if aliases[index]["aliases"][name].get("is_write_index") is True:
+                return index
+        return holders[0] if len(holders) == 1 else name
 
     def invalidate(self, index: str) -> None:
         """Forget the mapping of `index`, for every identity (the cluster refused a query built
@@ -124,6 +140,22 @@ class ProfileResolver:
         mapping = MappingInfo.from_response(await self._upstream.mapping(index, headers))
         self._mappings[key] = mapping
         return mapping
+
+    async def _templated_mapping(
+        self, index: str, headers: Mapping[str, str] | None
+    ) -> MappingInfo | None:
+        """What the templates would map a new `index` as (the first write creates it, as a
+        rollover's new generation or a data stream's first backing index); None when no template
+        matches or this identity may not ask."""
+        try:
+            simulated = await self._upstream.simulate_index(index, headers)
+        except UpstreamError as error:
+            log.debug("no template mapping for new index %r (answered %s)", index, error.status)
+            return None
+        mappings = simulated.get("template", {}).get("mappings")
+        if not isinstance(mappings, dict) or not mappings.get("properties"):
+            return None
+        return MappingInfo.from_response({index: {"mappings": mappings}})
 
     def _fingerprint(self, headers: Mapping[str, str] | None) -> str:
         if headers is None:

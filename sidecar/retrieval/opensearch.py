@@ -150,6 +150,29 @@ class Upstream:
             )
         return response
 
+    async def aliases(self, name: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """`GET _alias/<name>`: each index the alias `name` points to, with its alias settings."""
+        async with self._measured("mapping"):
+            response: dict[str, Any] = await self.client.transport.perform_request(
+                "GET",
+                f"/_alias/{quote(name, safe='')}",
+                headers=dict(self._own if headers is None else headers),
+            )
+        return response
+
+    async def simulate_index(
+        self, index: str, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """`POST _index_template/_simulate_index/<index>`: the settings and mappings a new index
+        (or data stream) of that name would get from the cluster's templates, before it exists."""
+        async with self._measured("mapping"):
+            response: dict[str, Any] = await self.client.transport.perform_request(
+                "POST",
+                f"/_index_template/_simulate_index/{quote(index, safe='')}",
+                headers=dict(self._own if headers is None else headers),
+            )
+        return response
+
     async def msearch(
         self,
         index: str,

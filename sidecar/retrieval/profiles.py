@@ -169,11 +169,14 @@ class IndexProfile:
     origins: Mapping[str, Origin]
     # Why the first stage is lexical-only, when it is.
     lexical_only_reason: str | None = None
+    # The concrete indexes the name resolved to when the mapping was read (empty: not known).
+    indexes: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """The effective profile as `GET /v1/indexes/{index}/profile` shows it."""
         return {
             "profile": self.name,
+            "indexes": list(self.indexes),
             "lexical": {
                 "fields": list(self.lexical_fields),
                 "type": self.lexical_type,
@@ -308,6 +311,7 @@ def build_profile(
         filterable_fields=mapping.filterable_fields if mapping else None,
         origins=origins,
         lexical_only_reason=lexical_only_reason,
+        indexes=mapping.indexes if mapping else (),
     )
 
 

@@ -41,6 +41,14 @@ class FakeUpstream:
             raise UpstreamError(404, error_body(404, "index_not_found_exception", index))
         return {index: known[index]}
 
+    async def simulate_index(self, index: str, headers: Any = None) -> dict[str, Any]:
+        """No template matches a new index here."""
+        return {"overlapping": []}
+
+    async def aliases(self, name: str, headers: Any = None) -> dict[str, Any]:
+        """Every name here is a concrete index: no alias of that name."""
+        raise UpstreamError(404, error_body(404, "aliases_not_found_exception", name))
+
 
 class FakeEncoder:
     """A vector that records the text it was made of: [len(text), number of words]."""

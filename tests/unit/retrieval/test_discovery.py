@@ -24,10 +24,35 @@ MAPPING = {
 
 
 class FakeUpstream:
-    def __init__(self, status: int | None = None) -> None:
+    def __init__(self, status: int | None = None, templates: dict[str, Any] | None = None) -> None:
         self.calls: list[str] = []
         self.identities: list[Any] = []
         self.status = status
+        # Index-name prefix -> the mappings its template gives a new index.
+        self.templates = templates or {}
+
+    async def aliases(self, name: str, headers: Any = None) -> dict[str, Any]:
+        held = {
+            "rolled": {
+                "rolled-000001": {"aliases": {"rolled": {"is_write_index": False}}},
+                "rolled-000002": {"aliases": {"rolled": {"is_write_index": True}}},
+            },
+            "single": {"single-000001": {"aliases": {"single": {}}}},
+            "read-only": {"a": {"aliases": {"read-only": {}}}, "b": {"aliases": {"read-only": {}}}},
+        }
+        if headers == {"authorization": "Basic writer"}:
+            raise UpstreamError(403, error_body(403, "security_exception", "no permissions"))
+        if name not in held:
+            raise UpstreamError(404, error_body(404, "aliases_not_found_exception", name))
+        return held[name]
+
+    async def simulate_index(self, index: str, headers: Any = None) -> dict[str, Any]:
+        if headers == {"authorization": "Basic writer"}:  # may write, may not read templates
+            raise UpstreamError(403, error_body(403, "security_exception", "no permissions"))
+        for prefix, mappings in self.templates.items():
+            if index.startswith(prefix):
+                return {"template": {"settings": {}, "mappings": mappings}, "overlapping": []}
+        return {"overlapping": []}
 
     async def mapping(self, index: str, headers: Any = None) -> dict[str, Any]:
         self.calls.append(index)
@@ -94,6 +119,39 @@ def test_writes_to_a_missing_index_embed_only_with_a_configured_vector_field() -
     profile = asyncio.run(configured.for_write("new"))
     assert profile is not None
     assert (profile.vector_field, profile.embed_on_write) == ("vec", True)
+
+
+def test_writes_to_a_missing_index_embed_as_its_template_would_map_it() -> None:
+    # A data stream's first write, or a rollover's next generation, creates the index from a
+    # template whose mapping asks for vectors on write.
+    mappings = {**MAPPING["mappings"], "_meta": {"sidecar": {"embed_on_write": True}}}
+    upstream = FakeUpstream(templates={"logs-": mappings, "plain-": {"properties": {}}})
+    profiles = resolver(upstream)
+    profile = asyncio.run(profiles.for_write("logs-web"))
+    assert profile is not None
+    assert (profile.vector_field, profile.embed_on_write) == ("vec", True)
+    assert asyncio.run(profiles.for_write("plain-1")) is None, "a template without fields"
+    assert asyncio.run(profiles.for_write("other")) is None, "no template matches"
+    writer = {"authorization": "Basic writer"}
+    assert asyncio.run(profiles.for_write("logs-web", writer)) is None, (
+        "a writer who may not read the templates gets the write passed through, as without them"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "headers", "lands_in"),
+    [
+        ("rolled", None, "rolled-000002"),  # the alias's write index
+        ("single", None, "single-000001"),  # an alias's only index writes implicitly
+        ("read-only", None, "read-only"),  # no write index: the cluster refuses it itself
+        ("docs", None, "docs"),  # a concrete index
+        ("rolled", {"authorization": "Basic writer"}, "rolled"),  # may not read aliases
+    ],
+)
+def test_a_write_lands_in_the_write_index_of_an_alias(
+    name: str, headers: dict[str, str] | None, lands_in: str
+) -> None:
+    assert asyncio.run(resolver(FakeUpstream()).write_index(name, headers)) == lands_in
 
 
 def test_a_mapping_read_for_one_caller_is_never_served_to_another() -> None:

@@ -75,6 +75,57 @@ _NEURAL_PLUGINS = (
 )
 
 
+# The main classes of the modules put back, per major version: 3.0 renamed them.
+_MODULE_CLASSNAMES = {
+    2: {
+        "lang-painless": "org.opensearch.painless.PainlessPlugin",
+        "analysis-common": "org.opensearch.analysis.common.CommonAnalysisPlugin",
+    },
+    3: {
+        "lang-painless": "org.opensearch.painless.PainlessModulePlugin",
+        "analysis-common": "org.opensearch.analysis.common.CommonAnalysisModulePlugin",
+    },
+}
+# What lang-painless 2.19.1 and 3.4.0 alike depend on (3.6.0 moved to asm 9.9.1, but its zip
+# ships the module).
+_PAINLESS_DEPENDENCIES = (
+    jar_artifact("org.antlr", "antlr4-runtime", "4.13.1"),
+    *(
+        jar_artifact("org.ow2.asm", name, "9.7")
+        for name in ("asm", "asm-analysis", "asm-commons", "asm-tree", "asm-util")
+    ),
+)
+
+
+def modules_from_jars(version: str) -> tuple[Module, ...]:
+    """lang-painless (which k-NN extends) and analysis-common (the index template's english
+    analyzer), assembled from the `version` jars, for an integ-test zip that ships only the
+    transport modules. Raises KeyError for a major version whose class names are not known."""
+    classnames = _MODULE_CLASSNAMES[int(version.split(".")[0])]
+    return (
+        Module(
+            "lang-painless",
+            classnames["lang-painless"],
+            jars=(
+                jar_artifact("org.opensearch.plugin", "lang-painless", version),
+                jar_artifact("org.opensearch.plugin", "opensearch-scripting-painless-spi", version),
+                *_PAINLESS_DEPENDENCIES,
+            ),
+            # Painless compiles scripts into classes and loads allowlisted classes.
+            permissions=(
+                'java.lang.RuntimePermission "createClassLoader"',
+                'java.lang.RuntimePermission "getClassLoader"',
+            ),
+        ),
+        Module(
+            "analysis-common",
+            classnames["analysis-common"],
+            jars=(jar_artifact("org.opensearch.plugin", "analysis-common", version),),
+            extended_plugins=("lang-painless",),
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Release:
     """An OpenSearch version the project knows how to run, with the plugins it installs."""
@@ -85,9 +136,13 @@ class Release:
     max_java: int | None
     # In install order: job-scheduler and k-NN before the plugins that extend them.
     plugin_names: tuple[str, ...] = _NEURAL_PLUGINS
+    # Core modules the integ-test zip leaves out and the plugins need.
     modules: tuple[Module, ...] = ()
     # Whether the security plugin is among the plugins (the node then serves HTTPS with users).
     secure: bool = False
+    # Whether the security plugin extends `rule-framework`, which no registry publishes: the node
+    # then compiles a stand-in, so it needs a JDK (javac), not only a Java runtime.
+    rule_framework_stand_in: bool = False
 
     @property
     def distribution(self) -> Artifact:
@@ -105,54 +160,36 @@ class Release:
         return (self.distribution, *self.plugins)
 
 
-# Newest first. 3.x needs Java 21+; 2.19 is the newest line that still runs on Java 11-17.
+# Newest first. 3.x needs Java 21+; 2.19 is the newest line that still runs on Java 11-17 (and
+# on 21). 3.6.0's zip ships every core module; 2.19.1 is the only 2.x with every plugin zip
+# published, and its zip ships only transport-netty4.
 RELEASES = (
     Release("3.6.0", min_java=21, max_java=None),
-    Release("2.19.6", min_java=11, max_java=21),
+    Release("2.19.1", min_java=11, max_java=21, modules=modules_from_jars("2.19.1")),
 )
 
-_SECURE_VERSION = "3.4.0"
-_ASM = tuple(
-    jar_artifact("org.ow2.asm", name, "9.7")
-    for name in ("asm", "asm-analysis", "asm-commons", "asm-tree", "asm-util")
-)
-
-# The newest release whose security plugin is on Maven Central. Its integ-test zip ships only
-# the transport modules, so the modules k-NN and the index template need are assembled from
-# their jars; neural-search and ml-commons are not published for it, so this node is also the
-# project's cluster without neural-search. `rule-framework`, which security extends, is on no
-# registry: the node builds a stand-in of its own (see rule_framework.py).
-SECURE_RELEASE = Release(
-    _SECURE_VERSION,
-    min_java=21,
-    max_java=None,
-    plugin_names=("opensearch-job-scheduler", "opensearch-knn", "opensearch-security"),
-    modules=(
-        Module(
-            "lang-painless",
-            "org.opensearch.painless.PainlessModulePlugin",
-            jars=(
-                jar_artifact("org.opensearch.plugin", "lang-painless", _SECURE_VERSION),
-                jar_artifact(
-                    "org.opensearch.plugin", "opensearch-scripting-painless-spi", _SECURE_VERSION
-                ),
-                jar_artifact("org.antlr", "antlr4-runtime", "4.13.1"),
-                *_ASM,
-            ),
-            # Painless compiles scripts into classes and loads allowlisted classes.
-            permissions=(
-                'java.lang.RuntimePermission "createClassLoader"',
-                'java.lang.RuntimePermission "getClassLoader"',
-            ),
-        ),
-        Module(
-            "analysis-common",
-            "org.opensearch.analysis.common.CommonAnalysisModulePlugin",
-            jars=(jar_artifact("org.opensearch.plugin", "analysis-common", _SECURE_VERSION),),
-            extended_plugins=("lang-painless",),
-        ),
+# The releases whose security plugin is on Maven Central, the default first. 3.4.0 is the newest;
+# neural-search and ml-commons are not published for it, so it is also the project's cluster
+# without neural-search, and its security plugin extends `rule-framework` (see rule_framework/).
+# 2.19.1 has the whole plugin set and extends nothing; it is also the secured node on Java 11-17.
+SECURE_RELEASES = (
+    Release(
+        "3.4.0",
+        min_java=21,
+        max_java=None,
+        plugin_names=("opensearch-job-scheduler", "opensearch-knn", "opensearch-security"),
+        modules=modules_from_jars("3.4.0"),
+        secure=True,
+        rule_framework_stand_in=True,
     ),
-    secure=True,
+    Release(
+        "2.19.1",
+        min_java=11,
+        max_java=21,
+        plugin_names=(*_NEURAL_PLUGINS, "opensearch-security"),
+        modules=modules_from_jars("2.19.1"),
+        secure=True,
+    ),
 )
 
 # SHA-256 of files for which Maven Central publishes no checksum, recorded from a verified
@@ -162,33 +199,32 @@ PINNED_SHA256 = {
     "opensearch-ml-plugin-3.6.0.0.zip": "c051d436fe1936da1477bb999db829eb2bc92b12989e376c300d0a874fb90f9d",
     "opensearch-knn-3.6.0.0.zip": "ac392ca28a39b3bf290648a422ef30cb149dda2963a9d7feb26060e932341c9a",
     "neural-search-3.6.0.0.zip": "6ef1b206e79391e2e36268e32dc34d27fd8b8a59a8eb0a7393c97d53b038e433",
-    "opensearch-job-scheduler-2.19.6.0.zip": "c0172f2fb94c0819bbeb9bf21db694e26e285de4dddc9461759d0e0246c998e8",
-    "opensearch-ml-plugin-2.19.6.0.zip": "d0f4c2457ca5557d94ebd7c5e8d650b34326df54ad85851cc2eca0dd86e30d10",
-    "opensearch-knn-2.19.6.0.zip": "c21b9565624d29fd4024e3a3902712349006cb7894a73c45d976756a761e628f",
-    "neural-search-2.19.6.0.zip": "b38b136b280a219d7f4495dd5d7e11e92a528b874fe940fc8502b8a5c599c820",
+    "opensearch-job-scheduler-2.19.1.0.zip": "a54e12582b88a4c173d6e58b16fbc609df12a04eff010ae30396905a1a882bf6",
+    "opensearch-ml-plugin-2.19.1.0.zip": "2324234d81109dcb2c488da5a6b2034cc0f78d9d08e40ce49ba59fc423a5df5f",
+    "neural-search-2.19.1.0.zip": "b17ca1d774692902c58cbae102bf463970740c31d81446866e8eabd336e285aa",
+    "opensearch-security-2.19.1.0.zip": "94a04f12ac6033902209fac1e4e512618d45beee604bbf0e42c3ed79c55220cf",
     "opensearch-knn-3.4.0.0.zip": "f6cc96677277521e0dacc82aa078f87df70032026c8c7059623467a4141cfd2f",
 }
 
 
-def find_release(version: str) -> Release:
-    """The known release with this version; raises ValueError listing the known ones."""
-    for release in RELEASES:
+def find_release(version: str, *, secure: bool = False) -> Release:
+    """The known release (secured or not) with this version; raises ValueError listing the known ones."""
+    releases = SECURE_RELEASES if secure else RELEASES
+    for release in releases:
         if release.version == version:
             return release
-    known = ", ".join(r.version for r in RELEASES)
-    raise ValueError(f"OpenSearch {version} is not supported here; choose one of: {known}")
+    known = ", ".join(r.version for r in releases)
+    where = "secured (Maven Central has its security plugin for these only)" if secure else "here"
+    raise ValueError(f"OpenSearch {version} is not supported {where}; choose one of: {known}")
 
 
 def candidate_releases(version: str, *, secure: bool = False) -> tuple[Release, ...]:
-    """Releases that may serve a request for `version` ("auto" or X.Y.Z), newest first."""
-    if secure:
-        if version not in ("auto", SECURE_RELEASE.version):
-            raise ValueError(
-                f"the secured node runs OpenSearch {SECURE_RELEASE.version} only (the newest "
-                f"security plugin on Maven Central), not {version}"
-            )
-        return (SECURE_RELEASE,)
-    return RELEASES if version == "auto" else (find_release(version),)
+    """Releases that may serve a request for `version` ("auto" or X.Y.Z), newest first.
+
+    Raises ValueError when `version` is not among the known (secured) releases."""
+    if version == "auto":
+        return SECURE_RELEASES if secure else RELEASES
+    return (find_release(version, secure=secure),)
 
 
 def fetch(artifact: Artifact, cache_dir: Path, *, allow_unverified: bool = False) -> Path:

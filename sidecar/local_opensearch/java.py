@@ -27,7 +27,7 @@ class Java:
 
     @property
     def compiler(self) -> Path | None:
-        """javac, if this is a JDK (the secured node compiles a module of its own)."""
+        """javac, if this is a JDK (the secured 3.x node compiles a module of its own)."""
         javac = self.home / "bin" / "javac"
         return javac if javac.exists() else None
 
@@ -92,24 +92,25 @@ def choose(
     """The release to run and the Java to run it with.
 
     With requested_version "auto", the newest known release that some available Java runs; with a
-    configured Java, only that one is considered. Raises JavaError when nothing fits.
+    configured Java, only that one is considered. Raises ValueError for an unknown version (before
+    any Java is probed) and JavaError when nothing fits.
     """
+    releases = candidate_releases(requested_version, secure=secure)
     homes = [configured_java] if configured_java else list(candidate_homes(None, environ))
     javas = [java for home in homes if (java := probe(home, run_as)) is not None]
-    releases = candidate_releases(requested_version, secure=secure)
     for release in releases:
         for java in sorted(javas, key=lambda j: j.major, reverse=True):
             if (
                 java.major >= release.min_java
                 and (release.max_java is None or java.major <= release.max_java)
-                and (java.compiler is not None or not release.secure)
+                and (java.compiler is not None or not release.rule_framework_stand_in)
             ):
                 return release, java
     found = ", ".join(f"Java {j.major} at {j.home}" for j in javas) or "no Java at all"
     needs = "; ".join(
         f"OpenSearch {r.version} needs Java {r.min_java}"
         + (f"-{r.max_java}" if r.max_java else "+")
-        + (" with javac (a JDK)" if r.secure else "")
+        + (" with javac (a JDK)" if r.rule_framework_stand_in else "")
         for r in releases
     )
     raise JavaError(

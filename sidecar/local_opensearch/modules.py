@@ -27,16 +27,19 @@ class ModuleError(RuntimeError):
 def assemble(
     install: Path, release: Release, cache_dir: Path, javac: Path | None, allow_unverified: bool
 ) -> None:
-    """Write each missing module into `install/modules/`; with the security plugin, also the
-    rule-framework stand-in (compiled with `javac`, required then)."""
+    """Write each missing module into `install/modules/`; where the release's security plugin
+    extends rule-framework, also its stand-in (compiled with `javac`, required then)."""
     for module in release.modules:
         folder = _fresh(install / "modules" / module.name)
         for jar in module.jars:
             shutil.copy2(fetch(jar, cache_dir, allow_unverified=allow_unverified), folder)
         _describe(folder, module, release)
-    if release.secure:
+    if release.rule_framework_stand_in:
         if javac is None:
-            raise ModuleError("the secured node needs a JDK (javac) to build rule-framework")
+            raise ModuleError(
+                f"the secured {release.version} node needs a JDK (javac) to build its "
+                "rule-framework stand-in"
+            )
         _build_rule_framework(install, release, cache_dir, javac, allow_unverified)
 
 

@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 
 from sidecar.local_opensearch.artifacts import (
+    PINNED_SHA256,
     RELEASES,
-    SECURE_RELEASE,
+    SECURE_RELEASES,
     Artifact,
     DownloadError,
     candidate_releases,
     fetch,
     find_release,
+    modules_from_jars,
 )
 
 PAYLOAD = b"pretend this is a zip" * 100
@@ -131,21 +133,101 @@ def test_releases_name_their_maven_coordinates() -> None:
 
 
 def test_unknown_release_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"choose one of: 3\.6\.0, 2\.19\.6"):
+    with pytest.raises(ValueError, match=r"choose one of: 3\.6\.0, 2\.19\.1"):
         find_release("1.0.0")
 
 
-def test_the_secured_release_brings_security_and_the_modules_its_zip_lacks() -> None:
-    assert candidate_releases("auto", secure=True) == (SECURE_RELEASE,)
-    assert candidate_releases("3.4.0", secure=True) == (SECURE_RELEASE,)
-    assert [p.filename for p in SECURE_RELEASE.plugins] == [
+def test_the_2_19_line_puts_back_the_modules_k_nn_needs_under_their_2_x_class_names() -> None:
+    newest, fallback = RELEASES
+    assert newest.modules == (), "3.6.0's integ-test zip ships every core module"
+    assert (fallback.version, fallback.min_java, fallback.max_java) == ("2.19.1", 11, 21)
+    assert fallback.modules == modules_from_jars("2.19.1")
+    painless, analysis = fallback.modules
+    assert (painless.name, painless.classname) == (
+        "lang-painless",
+        "org.opensearch.painless.PainlessPlugin",
+    )
+    assert (analysis.name, analysis.classname) == (
+        "analysis-common",
+        "org.opensearch.analysis.common.CommonAnalysisPlugin",
+    )
+    assert [jar.filename for jar in painless.jars] == [
+        "lang-painless-2.19.1.jar",
+        "opensearch-scripting-painless-spi-2.19.1.jar",
+        "antlr4-runtime-4.13.1.jar",
+        "asm-9.7.jar",
+        "asm-analysis-9.7.jar",
+        "asm-commons-9.7.jar",
+        "asm-tree-9.7.jar",
+        "asm-util-9.7.jar",
+    ]
+    assert [jar.filename for jar in analysis.jars] == ["analysis-common-2.19.1.jar"]
+    assert analysis.extended_plugins == ("lang-painless",)
+    assert [p.filename for p in fallback.plugins] == [
+        "opensearch-job-scheduler-2.19.1.0.zip",
+        "opensearch-ml-plugin-2.19.1.0.zip",
+        "opensearch-knn-2.19.1.0.zip",
+        "neural-search-2.19.1.0.zip",
+    ]
+
+
+def test_the_3_x_modules_carry_the_renamed_classes() -> None:
+    painless, analysis = modules_from_jars("3.4.0")
+    assert painless.classname == "org.opensearch.painless.PainlessModulePlugin"
+    assert analysis.classname == "org.opensearch.analysis.common.CommonAnalysisModulePlugin"
+    assert "lang-painless-3.4.0.jar" in [jar.filename for jar in painless.jars]
+    with pytest.raises(KeyError):
+        modules_from_jars("1.3.20")
+
+
+def test_the_default_secured_release_is_3_4_0_with_its_rule_framework_stand_in() -> None:
+    default = candidate_releases("auto", secure=True)[0]
+    assert candidate_releases("3.4.0", secure=True) == (default,)
+    assert (default.version, default.secure, default.rule_framework_stand_in) == (
+        "3.4.0",
+        True,
+        True,
+    )
+    assert [p.filename for p in default.plugins] == [
         "opensearch-job-scheduler-3.4.0.0.zip",
         "opensearch-knn-3.4.0.0.zip",
         "opensearch-security-3.4.0.0.zip",
     ]
-    painless, analysis = SECURE_RELEASE.modules
-    assert painless.name == "lang-painless"
-    assert "lang-painless-3.4.0.jar" in [jar.filename for jar in painless.jars]
-    assert analysis.extended_plugins == ("lang-painless",)
-    with pytest.raises(ValueError, match=r"secured node runs OpenSearch 3\.4\.0 only"):
+    assert default.modules == modules_from_jars("3.4.0")
+
+
+def test_the_secured_2_19_1_release_has_neural_search_and_ml_and_no_stand_in() -> None:
+    assert [r.version for r in candidate_releases("auto", secure=True)] == ["3.4.0", "2.19.1"]
+    (release,) = candidate_releases("2.19.1", secure=True)
+    assert (release.secure, release.rule_framework_stand_in) == (True, False)
+    assert (release.min_java, release.max_java) == (11, 21)
+    assert [p.name for p in release.plugins] == [
+        "opensearch-job-scheduler",
+        "opensearch-ml-plugin",
+        "opensearch-knn",
+        "neural-search",
+        "opensearch-security",
+    ]
+    assert {p.version for p in release.plugins} == {"2.19.1.0"}
+    assert release.modules == modules_from_jars("2.19.1")
+    (plain,) = candidate_releases("2.19.1")
+    assert not plain.secure
+
+
+def test_a_version_without_a_security_plugin_is_refused_for_the_secured_node() -> None:
+    with pytest.raises(
+        ValueError, match=r"not supported secured.*choose one of: 3\.4\.0, 2\.19\.1"
+    ):
         candidate_releases("3.6.0", secure=True)
+    with pytest.raises(ValueError, match=r"choose one of: 3\.6\.0, 2\.19\.1"):
+        candidate_releases("3.4.0")
+
+
+def test_every_pinned_digest_belongs_to_a_known_release() -> None:
+    """A pin left behind by a release no longer listed is dead weight (and hides a typo)."""
+    known = {
+        artifact.filename
+        for release in (*RELEASES, *SECURE_RELEASES)
+        for artifact in release.artifacts
+    }
+    assert set(PINNED_SHA256) <= known

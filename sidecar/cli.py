@@ -125,6 +125,12 @@ def _build_parser() -> argparse.ArgumentParser:
             help="the security-plugin node: HTTPS, demo certificates, an admin password "
             "(default: SIDECAR_OPENSEARCH_SECURE)",
         )
+        action.add_argument(
+            "--version",
+            dest="opensearch_version",
+            help="OpenSearch X.Y.Z, or auto: the newest one an available Java runs; an installed "
+            "node keeps its own unless one is named (default: SIDECAR_OPENSEARCH_VERSION or auto)",
+        )
         action.set_defaults(handler=handler)
         if name == "down":
             action.add_argument(
@@ -510,8 +516,16 @@ def _print_status(status: NodeStatus) -> None:
     )
 
 
+def _opensearch_node(args: argparse.Namespace, settings: Settings) -> LocalNode:
+    """The local node the settings name, at the version `--version` asks for, if any."""
+    node_settings = settings.local_node
+    if args.opensearch_version:
+        node_settings = dataclasses.replace(node_settings, version=args.opensearch_version)
+    return LocalNode(node_settings, settings.cache_dir, os.environ)
+
+
 def _opensearch_up(args: argparse.Namespace, settings: Settings) -> int:
-    node = LocalNode(settings.local_node, settings.cache_dir, os.environ)
+    node = _opensearch_node(args, settings)
     started = time.monotonic()
     status = node.up()
     log.info(
@@ -529,7 +543,7 @@ def _opensearch_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _opensearch_down(args: argparse.Namespace, settings: Settings) -> int:
-    node = LocalNode(settings.local_node, settings.cache_dir, os.environ)
+    node = _opensearch_node(args, settings)
     print("stopped" if node.down() else "not running")
     if args.purge:
         print(f"removed {node.home}" if node.purge() else f"nothing to remove at {node.home}")
@@ -537,7 +551,7 @@ def _opensearch_down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _opensearch_status(args: argparse.Namespace, settings: Settings) -> int:
-    status = LocalNode(settings.local_node, settings.cache_dir, os.environ).status()
+    status = _opensearch_node(args, settings).status()
     _print_status(status)
     return 0 if status.healthy else 3
 

@@ -184,10 +184,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a second sidecar, measured at each level right after the first (two "
         "configurations side by side, e.g. forward vs service identity)",
     )
-    bench.add_argument(
-        "--user", help="send basic-auth credentials as this user (with --password-file)"
-    )
-    bench.add_argument("--password-file", type=Path, help="the --user's password, in a file")
+    _add_credentials(bench)
     bench.add_argument("--index", required=True)
     bench.add_argument(
         "--queries", type=Path, help="BEIR queries.jsonl or one query per line (load, model bench)"
@@ -256,10 +253,7 @@ def _build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--report-every-s", type=float, default=30.0, help="progress interval")
     soak.add_argument("--candidates", type=int, default=50)
     soak.add_argument("--k", type=int, default=10)
-    soak.add_argument(
-        "--user", help="send basic-auth credentials as this user (with --password-file)"
-    )
-    soak.add_argument("--password-file", type=Path, help="the --user's password, in a file")
+    _add_credentials(soak)
     soak.add_argument("--out", type=Path, help="write the summary as JSON here")
     soak.set_defaults(handler=_soak)
 
@@ -269,6 +263,7 @@ def _build_parser() -> argparse.ArgumentParser:
     provenance.add_argument(
         "--url", dest="sidecar_url", required=True, help="a running sidecar (its /metrics is read)"
     )
+    _add_credentials(provenance)
     provenance.set_defaults(handler=_provenance)
 
     evaluate = commands.add_parser("eval", help="retrieval quality per mode on a BEIR collection")
@@ -289,6 +284,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated, of bm25, knn, hybrid, hybrid+rerank (default: all of them)",
     )
+    _add_credentials(evaluate)
     evaluate.add_argument("--k", type=int, default=10)
     evaluate.add_argument("--candidates", type=int, default=100, help="per retriever")
     evaluate.add_argument("--fusion", choices=["convex", "rrf", "server"], default="convex")
@@ -783,6 +779,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         sweep_fusions=[_fusion_point(spec) for spec in args.sweep_fusion.split(",") if spec],
         sweep_rerank_depths=rerank_depths,
         limit=args.limit,
+        headers=_basic_auth(args.user, args.password_file),
     )
     report = run_evaluation(
         args.sidecar_url or _local_sidecar(settings), args.index, qrels, queries, options
@@ -882,7 +879,8 @@ def _fusion_point(spec: str) -> tuple[str, tuple[float, float] | None]:
 def _provenance(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.provenance import fetch_metrics, format_report, parse_provenance
 
-    print(format_report(parse_provenance(fetch_metrics(args.sidecar_url))))
+    headers = _basic_auth(args.user, args.password_file)
+    print(format_report(parse_provenance(fetch_metrics(args.sidecar_url, headers=headers))))
     return 0
 
 
@@ -919,6 +917,14 @@ def _refuse_faiss_on_local_node(settings: Settings) -> None:
             "the local OpenSearch node has no faiss native library (the Maven Central k-NN zip "
             "does not carry it); use --engine lucene"
         )
+
+
+def _add_credentials(command: argparse.ArgumentParser) -> None:
+    """--user/--password-file, for commands that talk to a sidecar in front of a secured cluster."""
+    command.add_argument(
+        "--user", help="send basic-auth credentials as this user (with --password-file)"
+    )
+    command.add_argument("--password-file", type=Path, help="the --user's password, in a file")
 
 
 def _basic_auth(user: str | None, password_file: Path | None) -> dict[str, str]:

@@ -156,11 +156,17 @@ class ModeRuns:
     pairs_scored: list[int] = field(default_factory=list)
 
 
-def search(sidecar_url: str, body: Mapping[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
+def search(
+    sidecar_url: str,
+    body: Mapping[str, Any],
+    timeout_s: float = 600.0,
+    headers: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """`POST /v1/search`, as the caller `headers` identify (a secured cluster's user)."""
     request = urllib.request.Request(
         f"{sidecar_url}/v1/search",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -185,6 +191,7 @@ def collect_runs(
     rerank_depth: int | None = None,
     progress: bool = True,
     label: str = "eval",
+    headers: Mapping[str, str] | None = None,
 ) -> ModeRuns:
     """Each query's ranking in each of `modes`, sent through the sidecar; the rerank request
     reranks only the first `rerank_depth` candidates (None: the sidecar's default)."""
@@ -201,7 +208,7 @@ def collect_runs(
         if weights is not None:
             body["weights"] = list(weights)
         if first_stage_modes:
-            answer = search(sidecar_url, body | {"rerank": False, "explain": True})
+            answer = search(sidecar_url, body | {"rerank": False, "explain": True}, headers=headers)
             hits = answer["hits"]
             collected.candidates[query_id] = {hit["id"] for hit in hits}
             for mode, retriever in (("bm25", "lexical"), ("knn", "vector")):
@@ -214,7 +221,7 @@ def collect_runs(
             rerank_body = body | {"rerank": True, "rerank_cache": False}
             if rerank_depth is not None:
                 rerank_body["rerank_depth"] = rerank_depth
-            answer = search(sidecar_url, rerank_body)
+            answer = search(sidecar_url, rerank_body, headers=headers)
             hits = answer["hits"]
             collected.runs["hybrid+rerank"][query_id] = _by_position(hit["id"] for hit in hits)
             collected.candidates.setdefault(query_id, {hit["id"] for hit in hits})
@@ -302,6 +309,8 @@ class EvalOptions:
     sweep_rerank_depths: Sequence[int] = ()
     limit: int | None = None
     progress: bool = True
+    # The caller's identity for every search (never shown: the password is in it).
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 def run_evaluation(
@@ -319,6 +328,7 @@ def run_evaluation(
         candidates=options.candidates,
         fusion=options.fusion,
         progress=options.progress,
+        headers=options.headers,
     )
     report: dict[str, Any] = {
         "index": index,
@@ -353,6 +363,7 @@ def run_evaluation(
             fusion=fusion,
             weights=weights,
             progress=options.progress,
+            headers=options.headers,
             label=f"fusion {fusion} {weights or ''}",
         )
         report["sweep_fusion"].append(
@@ -371,6 +382,7 @@ def run_evaluation(
                 candidates=options.candidates,
                 fusion=options.fusion,
                 progress=options.progress,
+                headers=options.headers,
                 label="hybrid",
             ).runs["hybrid"]
         )
@@ -398,6 +410,7 @@ def _depth_point(
         candidates=depth,
         fusion=options.fusion,
         progress=options.progress,
+        headers=options.headers,
         label=f"depth {depth}",
     )
     rerank_ms = runs.timings_ms.get("rerank_request.rerank", [0.0])
@@ -435,6 +448,7 @@ def sweep_rerank_depth(
             fusion=options.fusion,
             rerank_depth=depth,
             progress=options.progress,
+            headers=options.headers,
             label=f"rerank depth {depth}",
         )
         points.append(

@@ -168,7 +168,9 @@ def format_report(report: ProvenanceReport) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def fetch_metrics(url: str, timeout_s: float = 10.0) -> str:
+def fetch_metrics(
+    url: str, timeout_s: float = 10.0, headers: Mapping[str, str] | None = None
+) -> str:
     """GET a sidecar's metrics text. `url` is http(s)://host:port[/path]; without a path (or
     with "/") `/metrics` is appended, and without a scheme http:// is assumed.
 
@@ -177,7 +179,8 @@ def fetch_metrics(url: str, timeout_s: float = 10.0) -> str:
     """
     target = _metrics_url(url)
     try:
-        with urllib.request.urlopen(target, timeout=timeout_s) as response:
+        request = urllib.request.Request(target, headers=dict(headers or {}))
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             body: bytes = response.read()
     except urllib.error.HTTPError as exc:
         exc.close()  # it holds the response; left open it would warn when collected

@@ -14,7 +14,7 @@ import logging
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -405,6 +405,25 @@ def test_the_demo_certificate_is_refused_without_the_ca_bundle(
         status, answer = native(server, users.auth("reader_a"), rerank=False)
     assert status == 502, answer
     assert answer["error"]["type"] == "upstream_tls_error"
+
+
+def test_eval_measures_through_a_forwarding_sidecar_as_the_user_it_is_given(
+    sidecar: tuple[RunningSidecar, RecordingBackend], users: Users, corpus: Corpus
+) -> None:
+    from sidecar.evaluation import EvalError, EvalOptions, run_evaluation
+
+    server, _ = sidecar
+    queries = {"q1": QUERY}
+    qrels = {"q1": dict.fromkeys(sorted(corpus.red)[:3], 1)}
+    options = EvalOptions(modes=("bm25", "knn", "hybrid"), k=5, candidates=10, progress=False)
+    with pytest.raises(EvalError, match="the sidecar answered 401"):
+        run_evaluation(server.url, INDEX_A, qrels, queries, options)
+    as_reader = replace(options, headers=users.auth("reader_a"))
+    assert users.passwords["reader_a"] not in repr(as_reader)
+    report = run_evaluation(server.url, INDEX_A, qrels, queries, as_reader)
+    assert report["queries"] == 1
+    assert set(report["quality"]) == {"bm25", "knn", "hybrid"}
+    assert report["quality"]["hybrid"]["ndcg@10"] > 0
 
 
 def test_no_password_or_authorization_value_reaches_the_sidecars_log(

@@ -87,6 +87,31 @@ def test_url_means_the_sidecar_everywhere_else(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--dataset", "d", "--index", "i"],
+        ["bench", "--index", "i"],
+        ["soak", "--index", "i", "--queries", "q.jsonl"],
+        ["provenance", "--url", "http://127.0.0.1:8080"],
+    ],
+)
+def test_commands_that_talk_to_a_sidecar_take_a_user_and_a_password_file(
+    command: list[str], tmp_path: Path
+) -> None:
+    from sidecar.cli import _basic_auth
+
+    secret = tmp_path / "password"
+    secret.write_text("s3cret-pa55\n")
+    args = _build_parser().parse_args(
+        [*command, "--user", "reader", "--password-file", str(secret)]
+    )
+    header = _basic_auth(args.user, args.password_file)
+    assert header == {"Authorization": "Basic cmVhZGVyOnMzY3JldC1wYTU1"}  # reader:s3cret-pa55
+    with pytest.raises(ValueError, match="--user needs --password-file"):
+        _basic_auth("reader", None)
+
+
 def test_train_reranker_offers_every_head_and_defaults_to_the_fit_default() -> None:
     from sidecar.rerank.heads import HEADS
     from sidecar.training.fit import FitOptions

@@ -2,7 +2,11 @@
 OPENSEARCH_TEST_IMAGE names (testcontainers' OpenSearch module, on the engine DOCKER_HOST names);
 else the project-managed local node. Chosen by what is asked for, not by whether a Docker engine
 answers: an engine with no registry behind it cannot pull an image. Never a skip: no cluster is an
-error."""
+error.
+
+Tests marked `both_lines` (the cluster contract: discovery, fusion, interception, writes, identity,
+security) run against the newest 3.x and against 2.19.1, the 2.x line most existing clusters run,
+each a project-managed node of its own; every other test runs against the newest line only."""
 
 from __future__ import annotations
 
@@ -16,14 +20,29 @@ from opensearchpy import OpenSearch
 
 from sidecar.config import DEFAULT_EMBEDDING_MODEL, LocalNodeSettings, Settings
 from sidecar.embedding import BiEncoder
+from sidecar.local_opensearch.artifacts import RELEASES, SECURE_RELEASES
 from sidecar.local_opensearch.node import LocalNode
 from sidecar.retrieval.profiles import IndexProfile, discover_profile
 from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 
-# Apart from the default 9200, so a developer's own `sidecar opensearch up` node is left alone.
-TEST_NODE_PORT = 9250
-SECURED_NODE_PORT = 9260
+# The lines a `both_lines` test runs against: the newest release first (every other test's).
+LINES = (RELEASES[0].version, "2.19.1")
+SECURED_LINES = (SECURE_RELEASES[0].version, "2.19.1")
+# Apart from the default 9200, so a developer's own `sidecar opensearch up` node is left alone;
+# one port per line.
+TEST_NODE_PORTS = dict(zip(LINES, (9250, 9251), strict=True))
+SECURED_NODE_PORTS = dict(zip(SECURED_LINES, (9260, 9261), strict=True))
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on a cluster names its line in its id; `both_lines` tests run on each line.
+    Session-scoped, so pytest groups the tests by line and runs one node of each kind at once."""
+    both = metafunc.definition.get_closest_marker("both_lines") is not None
+    for fixture, lines in (("opensearch", LINES), ("secured_opensearch", SECURED_LINES)):
+        if fixture in metafunc.fixturenames:
+            chosen = lines if both else lines[:1]
+            metafunc.parametrize(fixture, chosen, indirect=True, scope="session")
 
 
 @dataclass(frozen=True)
@@ -32,27 +51,39 @@ class Cluster:
     client: OpenSearch
     # The project-managed node behind `url`, when that is what the tests run against.
     local_node: LocalNode | None
+    # What the cluster reports itself to be (X.Y.Z): where the lines answer differently.
+    version: str
+
+    @property
+    def line(self) -> int:
+        return int(self.version.split(".")[0])
+
+
+def _cluster(url: str, node: LocalNode | None) -> Cluster:
+    client = OpenSearch(hosts=[url], timeout=60)
+    return Cluster(url, client, node, client.info()["version"]["number"])
 
 
 @pytest.fixture(scope="session")
-def opensearch() -> Iterator[Cluster]:
-    if url := os.environ.get("OPENSEARCH_URL"):
-        yield Cluster(url, OpenSearch(hosts=[url], timeout=60), None)
+def opensearch(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    line = getattr(request, "param", LINES[0])
+    if line == LINES[0] and (url := os.environ.get("OPENSEARCH_URL")):
+        yield _cluster(url, None)
         return
-    if image := os.environ.get("OPENSEARCH_TEST_IMAGE"):
+    if line == LINES[0] and (image := os.environ.get("OPENSEARCH_TEST_IMAGE")):
         from testcontainers.community.opensearch import OpenSearchContainer
 
         with OpenSearchContainer(image=image, security_enabled=False) as container:
             config = container.get_config()
-            url = f"http://{config['host']}:{config['port']}"
-            yield Cluster(url, OpenSearch(hosts=[url], timeout=60), None)
+            yield _cluster(f"http://{config['host']}:{config['port']}", None)
         return
     cache_dir = Settings.from_env(os.environ).cache_dir  # shares the download cache with `sidecar`
-    node = LocalNode(LocalNodeSettings(port=TEST_NODE_PORT), cache_dir, os.environ)
+    settings = LocalNodeSettings(port=TEST_NODE_PORTS[line], version=line)
+    node = LocalNode(settings, cache_dir, os.environ)
     started_here = not node.status().running
     status = node.up()
     try:
-        yield Cluster(status.url, OpenSearch(hosts=[status.url], timeout=60), node)
+        yield _cluster(status.url, node)
     finally:
         if started_here:
             node.down()
@@ -66,6 +97,13 @@ class SecuredCluster:
     ca_certs: Path
     admin_password: str
     admin: OpenSearch
+    # The release the node runs (X.Y.Z).
+    version: str
+
+    @property
+    def has_neural_search(self) -> bool:
+        """The secured 3.4.0 node has no neural-search (none is published for it); 2.19.1's has."""
+        return self.version != SECURED_LINES[0]
 
     def client(self, user: str, password: str) -> OpenSearch:
         return OpenSearch(
@@ -74,10 +112,14 @@ class SecuredCluster:
 
 
 @pytest.fixture(scope="session")
-def secured_opensearch() -> Iterator[SecuredCluster]:
-    """`sidecar opensearch up --secure` on its own port, stopped at the end if started here."""
+def secured_opensearch(request: pytest.FixtureRequest) -> Iterator[SecuredCluster]:
+    """`sidecar opensearch up --secure --version LINE` on its own port, stopped at the end if
+    started here."""
+    line = getattr(request, "param", SECURED_LINES[0])
     cache_dir = Settings.from_env(os.environ).cache_dir
-    settings = LocalNodeSettings(port=SECURED_NODE_PORT, secure=True, heap="512m")
+    settings = LocalNodeSettings(
+        port=SECURED_NODE_PORTS[line], secure=True, heap="512m", version=line
+    )
     node = LocalNode(settings, cache_dir, os.environ)
     started_here = not node.status().running
     status = node.up()
@@ -94,6 +136,7 @@ def secured_opensearch() -> Iterator[SecuredCluster]:
                 ca_certs=str(status.ca_certs),
                 timeout=60,
             ),
+            line,
         )
     finally:
         if started_here:

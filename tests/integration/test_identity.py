@@ -21,7 +21,7 @@ from tests.integration.conftest import Cluster
 from tests.integration.sidecar_server import running_sidecar
 from tests.integration.test_sidecar import QUERY, post
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_lines]
 
 CALLER = {
     "Authorization": "Basic Y2FsbGVyOnB3",

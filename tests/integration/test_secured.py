@@ -34,7 +34,7 @@ from sidecar.rerank.backend import CrossEncoderBackend, ScoringPair
 from tests.integration.conftest import SecuredCluster
 from tests.integration.sidecar_server import RunningSidecar, metric_total, running_sidecar
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_lines]
 
 INDEX_A, INDEX_B = "sec-a", "sec-b"
 QUERY = "how do I catch an exception and handle the error"
@@ -177,7 +177,8 @@ def corpus(
     folder = tmp_path_factory.mktemp("secured")
     for index, chosen in ((INDEX_A, documents), (INDEX_B, documents[:12])):
         report = create_index(service, index, VectorOptions(dimension=encoder.dimension))
-        assert report.pipelines == (), "no neural-search here: the index alone"
+        # 3.4.0's secured node has no neural-search: the index alone; 2.19.1's has the pipelines.
+        assert bool(report.pipelines) == secured_opensearch.has_neural_search
         path = folder / f"{index}.jsonl"
         path.write_text(
             "".join(
@@ -385,14 +386,28 @@ def test_a_user_without_the_msearch_permission_can_still_search(
     assert metric_total(server, "sidecar_msearch_fallback_total") == before + 1
 
 
-def test_server_fusion_on_a_cluster_without_neural_search_is_a_clear_400(
-    sidecar: tuple[RunningSidecar, RecordingBackend], users: Users
+def test_server_fusion_is_the_clusters_or_a_clear_400_where_it_has_no_neural_search(
+    sidecar: tuple[RunningSidecar, RecordingBackend],
+    users: Users,
+    corpus: Corpus,
+    secured_opensearch: SecuredCluster,
 ) -> None:
     server, _ = sidecar
     status, answer = native(server, users.auth("reader_a"), fusion="server")
-    assert status == 400, answer
-    assert "neural-search" in answer["error"]["reason"]
-    assert "convex" in answer["error"]["reason"]
+    if not secured_opensearch.has_neural_search:  # 3.4.0
+        assert status == 400, answer
+        assert "neural-search" in answer["error"]["reason"]
+        assert "convex" in answer["error"]["reason"]
+        return
+    assert status == 200, answer  # 2.19.1
+    assert answer["first_stage"]["fusion_fallback"] is None
+    # A DLS role's hybrid query fails in 2.19.1's security plugin (security #6416): the sidecar
+    # fuses the same subqueries itself (convex), flagged, and still only the role's documents.
+    status, answer = native(server, users.auth("dls_user"), fusion="server", explain=True)
+    assert status == 200, answer
+    assert answer["first_stage"]["fusion_fallback"] == "dls_hybrid"
+    assert {hit["id"] for hit in answer["hits"]} <= corpus.red
+    assert {hit["id"] for hits in answer["retrievers"].values() for hit in hits} <= corpus.red
 
 
 def test_the_demo_certificate_is_refused_without_the_ca_bundle(

@@ -24,7 +24,7 @@ from sidecar.retrieval.queries import build_lexical_search, build_vector_search
 from tests.integration.conftest import Cluster, profile_of
 from tests.integration.sidecar_server import RunningSidecar, metric_total, running_sidecar
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_lines]
 
 QUERY = "how do I make sure cleanup code runs even when an error is raised"
 

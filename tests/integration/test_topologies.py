@@ -27,7 +27,7 @@ from tests.integration.test_existing_indexes import get
 from tests.integration.test_sidecar import post
 from tests.integration.test_writes import cosine
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_lines]
 
 QUERY = "how do I make sure cleanup code runs even when an error is raised"
 # Documents of the first generation that the second one holds again, under the same ids.

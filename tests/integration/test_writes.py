@@ -21,7 +21,7 @@ from sidecar.indexing.templates import VectorOptions, create_index
 from tests.integration.conftest import Cluster
 from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_lines]
 
 BULK_DOCUMENTS = 10_000
 WORDS = [

@@ -25,7 +25,7 @@ from tests.integration.conftest import Cluster
 from tests.integration.sidecar_server import RunningSidecar, running_sidecar
 from tests.integration.test_existing_indexes import get
 from tests.integration.test_sidecar import post
-from tests.integration.test_writes import cosine
+from tests.integration.test_writes import client_for, cosine
 
 pytestmark = [pytest.mark.integration, pytest.mark.both_lines]
 
@@ -296,7 +296,7 @@ def test_writes_through_a_write_alias_get_vectors_across_a_rollover(
     through = helpers.bulk
     try:
         through(
-            _client(sidecar),
+            client_for(sidecar),
             (
                 {"_index": alias, "_id": str(n), "_source": d}
                 for n, d in enumerate(written(20, 0, "first"))
@@ -309,7 +309,7 @@ def test_writes_through_a_write_alias_get_vectors_across_a_rollover(
         assert second != first
         # Ids 0-9 again: the second generation holds them too, as a reindex would.
         through(
-            _client(sidecar),
+            client_for(sidecar),
             (
                 {"_index": alias, "_id": str(n), "_source": d}
                 for n, d in enumerate(written(10, 0, "second"))
@@ -322,7 +322,7 @@ def test_writes_through_a_write_alias_get_vectors_across_a_rollover(
             assert all(len(hit["_source"]["embedding"]) == encoder.dimension for hit in stored)
         # A partial update through the alias lands in the write index; its vector is made of
         # the stored text there with the new title (`_mget` on the alias itself is refused).
-        _client(sidecar).update(
+        client_for(sidecar).update(
             index=alias, id="3", body={"doc": {"title": "a revised title"}}, refresh=True
         )
         updated = client.get(index=second, id="3")["_source"]
@@ -352,7 +352,7 @@ def test_a_data_stream_is_written_and_searched_through_the_sidecar_across_a_roll
 
     def write(count: int, start: int) -> None:
         ok, errors = helpers.bulk(
-            _client(sidecar),
+            client_for(sidecar),
             (
                 {
                     "_op_type": "create",
@@ -394,9 +394,3 @@ def test_a_data_stream_is_written_and_searched_through_the_sidecar_across_a_roll
     finally:
         client.transport.perform_request("DELETE", f"/_data_stream/{stream}")
         client.indices.delete_index_template(name=stream, ignore=[404])
-
-
-def _client(server: RunningSidecar) -> Any:
-    from opensearchpy import OpenSearch
-
-    return OpenSearch(hosts=[server.url], timeout=120)

@@ -398,10 +398,9 @@ def _disagreement_note(index: str, mapping: MappingInfo | None) -> str:
         return ""
     fields = ", ".join(d.describe() for d in mapping.disagreements)
     return (
-        f"; the indexes behind {index!r} do not map these vector fields alike: {fields}. "
-        "Map the field alike in every index (e.g. reindex the odd ones from the same template), "
-        "or search the indexes that agree, or configure a profile for the name with "
-        "vector.embedding = none for a lexical-only first stage"
+        f"; the indexes behind {index!r} do not map these vector fields alike: {fields}: map "
+        "the field alike in every index (e.g. reindex the odd ones from the same template) or "
+        "search only the indexes that agree"
     )
 
 
@@ -417,7 +416,7 @@ def _vector_kind(vector: VectorField | None) -> str:
 
 def _vector_list(mapping: MappingInfo) -> str:
     if not mapping.vector_fields:
-        return "no vector fields"
+        return "none mapped alike in every index" if mapping.disagreements else "no vector fields"
     return ", ".join(f"{v.path} ({_vector_kind(v)})" for v in mapping.vector_fields)
 
 

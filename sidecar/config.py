@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -303,6 +304,16 @@ class Settings:
             len({url.split("://")[0] for url in self.opensearch_urls}) == 1,
             "SIDECAR_OPENSEARCH_URL: the nodes must all be http:// or all https://",
         )
+        for url in self.opensearch_urls:
+            # opensearch-py would send them on every first-stage call, so in forward mode a
+            # caller without Authorization would search as that user.
+            _require(
+                "@" not in urlsplit(url).netloc,
+                f"SIDECAR_OPENSEARCH_URL must not hold credentials ({mask_credentials(url)}): "
+                "they would be sent for every caller; give the sidecar's own with "
+                "SIDECAR_SERVICE_USERNAME and SIDECAR_SERVICE_PASSWORD or "
+                "SIDECAR_SERVICE_PASSWORD_FILE",
+            )
         _require(1 <= self.listen_port <= 65535, "SIDECAR_LISTEN_PORT must be 1-65535")
         for name in ("embedding_dtype", "reranker_dtype"):
             value = getattr(self, name)
@@ -463,9 +474,8 @@ class Settings:
             ) from None
 
     def redacted(self) -> dict[str, Any]:
-        """The effective settings as plain values, with credentials in URLs masked, for logging."""
+        """The effective settings as plain values, with the passwords masked, for logging."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["opensearch_url"] = mask_credentials(self.opensearch_url)
         values["service_password"] = None if self.service_password is None else "***"
         values["score_cache_url"] = (
             None

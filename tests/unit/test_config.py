@@ -18,7 +18,7 @@ def test_defaults_when_environment_is_empty() -> None:
 def test_reads_typed_values() -> None:
     settings = Settings.from_env(
         {
-            "SIDECAR_OPENSEARCH_URL": "https://user:secret@search:9200",
+            "SIDECAR_OPENSEARCH_URL": "https://search:9200",
             "SIDECAR_EMBEDDING_BATCH_SIZE": "8",
             "SIDECAR_RERANK_MAX_WAIT_S": "0.01",
             "SIDECAR_RERANKER_MAX_LENGTH": "256",
@@ -35,7 +35,7 @@ def test_reads_typed_values() -> None:
     assert settings.fail_mode == "closed"
     assert settings.local_node == LocalNodeSettings(port=9333, allow_unverified=True)
     assert settings.cache_dir == Path("/tmp/c")
-    assert settings.redacted()["opensearch_url"] == "https://***@search:9200"
+    assert settings.redacted()["opensearch_url"] == "https://search:9200"
 
 
 def test_config_file_is_overridden_by_environment(tmp_path: Path) -> None:
@@ -117,6 +117,27 @@ def test_the_service_password_is_masked_wherever_settings_are_shown() -> None:
     assert settings.redacted()["service_password"] == "***"
     assert "s3cret" not in repr(settings)
     assert "s3cret" not in str(settings.redacted())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://admin:secret@search:9200",
+        "https://search-1:9200,https://admin:secret@search-2:9200",
+        "http://admin@search:9200",
+    ],
+)
+def test_credentials_in_the_cluster_url_are_refused(url: str) -> None:
+    # opensearch-py would send them on every first-stage call: in forward mode a caller
+    # without Authorization would search as that user.
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"SIDECAR_OPENSEARCH_URL": url})
+    message = str(refused.value)
+    assert "SIDECAR_SERVICE_USERNAME" in message
+    assert "SIDECAR_SERVICE_PASSWORD_FILE" in message
+    assert "***@search" in message
+    assert "secret" not in message
+    assert "admin" not in message
 
 
 @pytest.mark.parametrize(

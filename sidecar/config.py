@@ -190,7 +190,7 @@ class Settings:
     reranker_dtype: str = "auto"
     # Torch device for both models: auto (CUDA when present, else CPU), cpu, cuda, cuda:N.
     device: str = "auto"
-    # Query embeddings kept (LRU) by normalized query text.
+    # Query embeddings kept (LRU) by the exact query text.
     query_cache_entries: int = 10_000
     # Cross-encoder: a Hub id or a local directory.
     reranker_model: str = DEFAULT_RERANKER_MODEL

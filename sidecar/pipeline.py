@@ -18,7 +18,6 @@ from sidecar.embedding import EncoderPool
 from sidecar.logging import log_stage
 from sidecar.metrics import Metrics
 from sidecar.rerank.batcher import BatcherClosed, Overloaded
-from sidecar.rerank.cache import normalize_query
 from sidecar.rerank.final_scorer import LearnedScorer, feature_rows, signals_of
 from sidecar.rerank.reranker import RerankDocument, Reranker
 from sidecar.retrieval.discovery import ProfileResolver
@@ -438,7 +437,8 @@ class SearchPipeline:
         """The query's vector from bi-encoder `model` (None: the default), and whether it came
         from the cache. Runs the model on the embedding executor."""
         encoder = self.encoders.get(model)
-        key = (encoder.model_name, normalize_query(text))
+        # The text exactly as sent: a cased bi-encoder embeds "Apple" and "apple" apart.
+        key = (encoder.model_name, text)
         if (vector := self._query_vectors.get(key)) is not None:
             return vector, True
         loop = asyncio.get_running_loop()

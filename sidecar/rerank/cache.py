@@ -1,30 +1,23 @@
 """The rerank score cache: repeated (query, document) pairs skip inference.
 
-Keys carry the model's identity, so a new model or revision never reads old scores; the document
-as (index, id), so two indexes sharing an id never share an entry; and a hash of the document's
-text, so an updated document is scored again. Touched only from the event
-loop thread (the reranker's owner), so it needs no lock.
+Keys carry the model's identity and truncation settings, so a new model, revision or max length
+never reads old scores; the query exactly as sent; the document as (index, id), so two indexes
+sharing an id never share an entry; and a hash of the document's text, so an updated document is
+scored again. Touched only from the event loop thread (the reranker's owner), so it needs no lock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 
 from cachetools import TTLCache
 
 from sidecar.documents import DocKey
 
-# (model identity, normalized query, index, id, text hash)
+# (model identity and truncation settings, query, index, id, text hash)
 CacheKey = tuple[str, str, str, str, str]
-
-
-def normalize_query(text: str) -> str:
-    """Unicode-normalized, case-folded, whitespace-collapsed: queries that differ only in those
-    ways share cache entries (the cross-encoders we serve are uncased or nearly so)."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def content_hash(text: str) -> str:
@@ -42,10 +35,13 @@ class ScoreCache:
         )
 
     @staticmethod
-    def key(model_identity: str, query: str, document: DocKey, text: str) -> CacheKey:
+    def key(namespace: str, query: str, document: DocKey, text: str) -> CacheKey:
+        """The query is kept exactly as sent: case, Unicode form and whitespace each change the
+        tokens of some model (a cased XLM-R reranker, a byte-level BPE one), so any folding here
+        could hand one query another's score."""
         return (
-            model_identity,
-            normalize_query(query),
+            namespace,
+            query,
             document.index,
             document.id,
             content_hash(text),

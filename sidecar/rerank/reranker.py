@@ -82,7 +82,7 @@ class Reranker:
         Raises Overloaded (admission bound), BatcherClosed, or whatever the model raised. Callers
         bound the wait with their deadline; cancelling releases the queued pairs.
         """
-        namespace = f"{self.backend.identity}|{truncation}"
+        namespace = self._cache_namespace(truncation)
         keys = [ScoreCache.key(namespace, query, doc.key, doc.text) for doc in documents]
         logits: list[float | None] = (
             await self._cached_logits(keys) if read_cache else [None] * len(keys)
@@ -102,6 +102,14 @@ class Reranker:
             logits=[float(logit) for logit in logits if logit is not None],
             cache_hits=len(documents) - len(missing),
             pairs_scored=pairs_scored,
+        )
+
+    def _cache_namespace(self, truncation: Truncation) -> str:
+        """The model and everything that decides which tokens it sees: replicas sharing a Redis
+        but started with another max length or chunking never read each other's scores."""
+        return (
+            f"{self.backend.identity}|{truncation}|max_length={self.backend.max_length}"
+            f"|overlap={self._overlap_tokens}|passage={self._passage_tokens}"
         )
 
     async def _cached_logits(self, keys: Sequence[CacheKey]) -> list[float | None]:

@@ -173,16 +173,19 @@ def test_repeated_request_is_served_from_the_score_cache(
 ) -> None:
     body = {
         "index": pydoc_index,
-        "query": "  What does the WITH statement do?  ",
+        "query": "What does the WITH statement do?",
         "k": 5,
         "candidates": 30,
     }
     first = search(sidecar, **body)
-    second = search(sidecar, **(body | {"query": "what does the with statement do?"}))
+    second = search(sidecar, **body)
+    # The query exactly as sent is the key: a cased model would score this one apart.
+    lower = search(sidecar, **(body | {"query": "what does the with statement do?"}))
     assert first["rerank"]["cache_hits"] == 0
     assert second["rerank"]["cache_hits"] == 30
     assert second["rerank"]["pairs_scored"] == 0
     assert [h["id"] for h in second["hits"]] == [h["id"] for h in first["hits"]]
+    assert lower["rerank"]["cache_hits"] == 0
 
 
 class StalledBackend:

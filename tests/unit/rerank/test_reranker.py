@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.config import Truncation
@@ -54,6 +55,9 @@ def rerank(
     query: str,
     documents: list[RerankDocument],
     truncation: Truncation,
+    *,
+    overlap_tokens: int = 0,
+    passage_tokens: int | None = None,
 ) -> RerankScores:
     """One Reranker.score call with a fresh batcher around the shared backend and cache."""
 
@@ -62,7 +66,13 @@ def rerank(
         await batcher.start()
         try:
             reranker = Reranker(
-                backend, batcher, cache, executor, Metrics(CollectorRegistry()), overlap_tokens=0
+                backend,
+                batcher,
+                cache,
+                executor,
+                Metrics(CollectorRegistry()),
+                overlap_tokens=overlap_tokens,
+                passage_tokens=passage_tokens,
             )
             return await reranker.score(query, documents, truncation)
         finally:
@@ -95,13 +105,46 @@ def test_cached_documents_skip_the_model_and_truncation_modes_do_not_share_score
     with ThreadPoolExecutor(1) as executor:
         first = rerank(backend, cache, executor, "cat", documents, "first")
         scored_once = len(backend.scored)
-        again = rerank(backend, cache, executor, "CAT ", documents, "first")
+        again = rerank(backend, cache, executor, "cat", documents, "first")
         assert len(backend.scored) == scored_once, "the repeat must not reach the model"
         chunked = rerank(backend, cache, executor, "cat", documents, "max_chunk")
     assert again.logits == first.logits
     assert again.cache_hits == 2
     assert chunked.cache_hits == 0
     assert chunked.logits == [2.0, 1.0]
+
+
+def test_a_query_differing_only_in_case_is_scored_again() -> None:
+    # A cased cross-encoder (XLM-R based) may score "Cat" and "cat" differently.
+    backend = FakeBackend()
+    cache = ScoreCache(100, 60.0)
+    documents = [RerankDocument(DocKey("docs", "a"), "cat cat")]
+    with ThreadPoolExecutor(1) as executor:
+        rerank(backend, cache, executor, "cat", documents, "first")
+        variant = rerank(backend, cache, executor, "Cat", documents, "first")
+    assert (variant.cache_hits, variant.pairs_scored) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("max_length", 256), ("overlap_tokens", 32), ("passage_tokens", 64)],
+)
+def test_scores_made_under_other_truncation_settings_are_not_reused(
+    setting: str, value: int
+) -> None:
+    # Replicas restarted with another SIDECAR_RERANKER_MAX_LENGTH (or chunking) share one Redis.
+    documents = [RerankDocument(DocKey("docs", "a"), "cat | cat cat")]
+    cache = ScoreCache(100, 60.0)
+    with ThreadPoolExecutor(1) as executor:
+        rerank(FakeBackend(), cache, executor, "cat", documents, "best_passage")
+        backend = FakeBackend()
+        options: dict[str, int] = {}
+        if setting == "max_length":
+            backend.max_length = value
+        else:
+            options[setting] = value
+        other = rerank(backend, cache, executor, "cat", documents, "best_passage", **options)
+    assert (other.cache_hits, other.pairs_scored) == (0, 1)
 
 
 def test_cache_reads_can_be_skipped_while_scores_are_still_stored() -> None:

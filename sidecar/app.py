@@ -152,6 +152,12 @@ def create_app(
                 session=session,
                 upstream_urls=tuple(URL(url).with_user(None) for url in settings.opensearch_urls),
                 identity=identity,
+                forward_policy=proxy.ForwardPolicy(
+                    max_body_bytes=settings.max_body_bytes,
+                    body_timeout_s=settings.client_body_timeout_s,
+                    idle_timeout_s=settings.pass_through_idle_timeout_s,
+                    trust_forwarded=settings.trust_forwarded_headers,
+                ),
                 batcher=batcher,
             )
             metrics.build_info.labels(

@@ -248,8 +248,10 @@ class Settings:
     # When reranking cannot finish in time or fails: `open` returns the first-stage order
     # (flagged), `closed` answers 503.
     fail_mode: FailMode = "open"
-    # Request bodies larger than this are refused with 413 (search and pass-through alike).
-    max_body_bytes: int = 10 * 1024 * 1024
+    # Bodies the sidecar reads (searches it answers, writes it adds vectors to, signed or
+    # compressed pass-through) larger than this get 413: the cluster's own default
+    # http.max_content_length. Other pass-through bodies stream through with no limit here.
+    max_body_bytes: int = 100 * 1024 * 1024
     # Longest wait for the next piece of a request body (nginx's client_body_timeout): a client
     # that announces more than it sends gets a 408 instead of holding the connection.
     client_body_timeout_s: float = 10.0
@@ -258,8 +260,14 @@ class Settings:
     # After SIGTERM: how long requests in flight get to finish once the listener has closed
     # (Kubernetes' terminationGracePeriodSeconds must cover it, plus any preStop wait).
     shutdown_grace_s: float = 30.0
-    # Per-request timeout towards OpenSearch (pass-through and first stage).
+    # Per-read timeout towards OpenSearch for the sidecar's own calls (first stage, mappings).
     upstream_timeout_s: float = 30.0
+    # Longest silence from OpenSearch on a pass-through request before it gets 504; a request
+    # that asks the cluster to wait longer (`timeout`, `master_timeout`) waits that, plus a margin.
+    pass_through_idle_timeout_s: float = 300.0
+    # Keep the X-Forwarded-For and Forwarded headers a client sends (only behind a proxy that
+    # sets them); otherwise they are replaced by the client's own address.
+    trust_forwarded_headers: bool = False
     # TLS towards an https cluster: a CA bundle (else the system trust store), a client
     # certificate and key for mutual TLS, and verification (turning it off is logged at start).
     upstream_ca_certs: Path | None = None
@@ -342,6 +350,7 @@ class Settings:
             "rerank_cache_ttl_s",
             "request_timeout_s",
             "upstream_timeout_s",
+            "pass_through_idle_timeout_s",
             "mapping_cache_ttl_s",
             "shutdown_grace_s",
             "score_cache_timeout_s",

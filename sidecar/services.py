@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from sidecar.api.proxy import ForwardPolicy
 from sidecar.config import Settings
 from sidecar.pipeline import SearchPipeline
 from sidecar.rerank.backend import ScoringPair
@@ -30,6 +31,8 @@ class Services:
     upstream_urls: tuple[URL, ...]
     # Whose identity each upstream call carries.
     identity: UpstreamIdentity
+    # Body limits, timeouts and forwarding headers of the pass-through.
+    forward_policy: ForwardPolicy
     # The reranker's batcher: readiness requires its loop to be alive.
     batcher: MicroBatcher[ScoringPair]
 

@@ -82,19 +82,25 @@ class WritePath:
         self._executor = executor
         self._metrics = metrics
 
+    async def target(
+        self, index: str, caller: Mapping[str, str] | None = None
+    ) -> IndexProfile | None:
+        """The profile of a single-document write's index when its documents get vectors here,
+        else None: the write then streams through unread. `caller`: the writer's identity
+        headers, which the index's mapping is read with."""
+        return await self._profiles.for_write(index, caller)
+
     async def document(
-        self, index: str, body: bytes, caller: Mapping[str, str] | None = None
+        self, profile: IndexProfile, index: str, body: bytes, caller: Mapping[str, str] | None
     ) -> bytes | None:
-        """An `_doc`/`_create` body with its vector added, or None to forward it unchanged.
-        `caller`: the writer's identity headers, which the index's mapping is read with."""
-        profile = await self._profiles.for_write(index, caller)
-        if profile is None:
-            return None
+        """An `_doc`/`_create` body for `index` (its `target` profile) with its vector added, or
+        None to forward it unchanged."""
         item = _Item("index", index, None, None, profile, 0)
         return await self._apply([body], [item], None, caller)
 
     async def update(
         self,
+        profile: IndexProfile,
         index: str,
         doc_id: str,
         routing: str | None,
@@ -104,9 +110,6 @@ class WritePath:
     ) -> bytes | None:
         """An `_update` body with the vector of its `doc` (merged with the stored document when
         the update changes only some text fields) and of its `upsert`, or None if unchanged."""
-        profile = await self._profiles.for_write(index, caller)
-        if profile is None:
-            return None
         item = _Item("update", index, doc_id, routing, profile, 0)
         return await self._apply([body], [item], fetch, caller)
 

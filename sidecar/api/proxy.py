@@ -1,7 +1,9 @@
 """Pass-through: every request the sidecar does not handle goes to OpenSearch as it came, and the
-answer comes back as OpenSearch gave it — status, headers and body bytes, streamed both ways.
-Hop-by-hop headers are dropped, as any HTTP proxy must, and the caller's identity headers are
-what UpstreamIdentity lets through (Authorization in the default `forward` mode)."""
+answer comes back as OpenSearch gave it — status, headers and body bytes, streamed both ways,
+with no size limit of the sidecar's own (the cluster's applies) and no read timeout shorter than
+what the request asks the cluster to wait. Hop-by-hop headers are dropped, as any HTTP proxy
+must; the caller's identity headers are what UpstreamIdentity lets through (Authorization in the
+default `forward` mode); the caller's address is added to X-Forwarded-For and Forwarded."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 import ssl
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -54,16 +57,50 @@ _NEVER_ADDED = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Ty
 # Nothing reached the node: the request may go to the next one, writes too.
 _NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
+# Parameters with which a request asks the cluster to wait (cluster health's `wait_for_*` and
+# `timeout`, `_tasks?wait_for_completion`, master elections), in OpenSearch's time units.
+_WAIT_PARAMETERS = ("timeout", "master_timeout", "cluster_manager_timeout")
+_TIME_UNITS_S = {
+    "nanos": 1e-9,
+    "micros": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
+# What the cluster may take beyond the wait it was asked for, to answer it.
+_WAIT_MARGIN_S = 10.0
+_SOCK_CONNECT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ForwardPolicy:
+    """How the pass-through treats what it forwards (from Settings)."""
+
+    # A body the sidecar has to read first (signed, compressed) may be no larger; a streamed one
+    # has no limit here.
+    max_body_bytes: int
+    # Longest wait for the next piece of a request body the sidecar reads.
+    body_timeout_s: float
+    # Longest silence from the cluster, unless the request asks it to wait longer.
+    idle_timeout_s: float
+    # Keep the X-Forwarded-For and Forwarded a client sent (behind a proxy that sets them);
+    # else they are replaced by the client's own address.
+    trust_forwarded: bool = False
+
 
 def create_session(
     timeout_s: float, ssl_context: ssl.SSLContext | None = None
 ) -> aiohttp.ClientSession:
     """The one upstream session: no automatic decompression (bodies pass byte-for-byte), a bounded
-    wait for each read, no total timeout (large scrolls and bulk responses stream for long), and
-    the cluster's TLS context."""
+    wait for each read (the pass-through sets its own per request), no total timeout (large
+    scrolls and bulk responses stream for long), and the cluster's TLS context."""
     return aiohttp.ClientSession(
         auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=_SOCK_CONNECT_S, sock_read=timeout_s
+        ),
         connector=aiohttp.TCPConnector(limit=256, ssl=ssl_context if ssl_context else True),
     )
 
@@ -108,37 +145,37 @@ async def forward(
     session: aiohttp.ClientSession,
     upstreams: Sequence[URL],
     identity: UpstreamIdentity,
-    max_body_bytes: int,
+    policy: ForwardPolicy,
     metrics: Metrics,
     body: bytes | None = None,
     added_headers: Mapping[str, str] | None = None,
-    *,
-    body_timeout_s: float,
 ) -> web.StreamResponse:
     """Send `request` to one of the cluster's nodes (`upstreams`, taken in turn) and stream the
     answer back. `body`: already read by the caller; `added_headers`: the sidecar's own, added
     to the answer.
 
-    A body with a known length is streamed through unread; one without is read (bounded) first,
-    and so is a signed one (the signature covers its hash) and a compressed one: aiohttp has
-    inflated it, so it goes on inflated, without its Content-Encoding. A node that cannot be
-    connected to is skipped for the next (nothing was sent, so writes too); a request that has
-    reached a node is never sent to another.
+    A body is streamed through unread, whatever its size (with its length, or chunked), except
+    a signed one (the signature covers its hash) and a compressed one (aiohttp inflates what it
+    reads, so it goes on inflated, without its Content-Encoding): those are read first, up to
+    `policy.max_body_bytes`. A node that cannot be connected to is skipped for the next (nothing
+    was sent, so writes too); a request that has reached a node is never sent to another.
     """
-    if body is None and request.can_read_body:
-        if (
-            request.content_length is None
-            or identity.signer is not None
-            or "Content-Encoding" in request.headers
-        ):
-            body = await read_body(request, max_body_bytes, body_timeout_s)
-        elif request.content_length > max_body_bytes:
-            raise _too_large(max_body_bytes)
-    headers = identity.pass_through(_end_to_end(request.headers))
+    if (
+        body is None
+        and request.can_read_body
+        and (identity.signer is not None or "Content-Encoding" in request.headers)
+    ):
+        body = await read_body(request, policy.max_body_bytes, policy.body_timeout_s)
+    headers = _forwarded(identity.pass_through(_end_to_end(request.headers)), request, policy)
     if body is not None:
         # Every body read here or by a caller came through aiohttp, which inflated it.
         headers.popall("Content-Encoding", None)
         headers["Content-Length"] = str(len(body))
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=_SOCK_CONNECT_S,
+        sock_read=read_timeout_s(request.query, policy.idle_timeout_s),
+    )
     nodes = in_turn(upstreams)
     for attempt, upstream in enumerate(nodes, start=1):
         target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
@@ -162,6 +199,7 @@ async def forward(
                 data=payload,
                 allow_redirects=False,
                 skip_auto_headers=_NEVER_ADDED,
+                timeout=timeout,
             ) as answer:
                 status = str(answer.status)
                 response = web.StreamResponse(status=answer.status, reason=answer.reason)
@@ -198,6 +236,49 @@ async def forward(
             metrics.upstream_requests.labels(status).inc()
             metrics.upstream_duration.labels("proxy").observe(time.perf_counter() - started)
     raise ApiError(502, "upstream_unreachable", "no OpenSearch node is configured")
+
+
+def read_timeout_s(query: Mapping[str, str], idle_timeout_s: float) -> float | None:
+    """The longest silence from the cluster a pass-through request waits out: `idle_timeout_s`,
+    or what the request asks the cluster to wait (`timeout`, `master_timeout`,
+    `cluster_manager_timeout`) plus a margin when that is longer; None (no limit) when it asks
+    to wait without one (-1). A value the cluster cannot parse is left to it to refuse."""
+    longest_s = idle_timeout_s
+    for name in _WAIT_PARAMETERS:
+        value = query.get(name, "").strip().lower()
+        if value == "-1":
+            return None
+        number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = _TIME_UNITS_S.get(value[len(number) :])
+        try:
+            asked_s = float(number) * unit if unit is not None else None
+        except ValueError:
+            asked_s = None
+        if asked_s is not None and asked_s + _WAIT_MARGIN_S > longest_s:
+            longest_s = asked_s + _WAIT_MARGIN_S
+    return longest_s
+
+
+def _forwarded(
+    headers: CIMultiDict[str], request: web.Request, policy: ForwardPolicy
+) -> CIMultiDict[str]:
+    """`headers` with the caller's address appended to X-Forwarded-For and Forwarded (RFC 7239);
+    what the caller sent in them is kept only when the operator trusts what is in front of the
+    sidecar, since a client could otherwise claim any address to the cluster's audit log."""
+    chain = headers.getall("X-Forwarded-For", []) if policy.trust_forwarded else []
+    forwarded = headers.getall("Forwarded", []) if policy.trust_forwarded else []
+    headers.popall("X-Forwarded-For", None)
+    headers.popall("Forwarded", None)
+    peer = request.remote
+    if peer:
+        chain.append(peer)
+        node = f'"[{peer}]"' if ":" in peer else peer
+        forwarded.append(f"for={node};proto={request.scheme}")
+    if chain:
+        headers["X-Forwarded-For"] = ", ".join(chain)
+    if forwarded:
+        headers["Forwarded"] = ", ".join(forwarded)
+    return headers
 
 
 def in_turn(upstreams: Sequence[URL]) -> list[URL]:

@@ -30,11 +30,10 @@ async def forward_upstream(
         services.session,
         services.upstream_urls,
         services.identity,
-        services.settings.max_body_bytes,
+        services.forward_policy,
         services.pipeline.metrics,
         body,
         added_headers,
-        body_timeout_s=services.settings.client_body_timeout_s,
     )
 
 

@@ -1,6 +1,8 @@
 """Write routes: `_doc`, `_create`, `_update` and `_bulk` requests are handed to the write path
-(which adds vectors for embed-on-write indexes), then forwarded; other methods on these paths
-pass through."""
+(which adds vectors for embed-on-write indexes), then forwarded; other methods on these paths, and
+single-document writes to indexes that do not embed on write, pass through unread. A `_bulk` is
+read (up to SIDECAR_MAX_BODY_BYTES, the cluster's own default limit): its items name their
+indexes."""
 
 from __future__ import annotations
 
@@ -16,26 +18,37 @@ from sidecar.write_path import Fetch
 
 
 async def write_document(request: web.Request) -> web.StreamResponse:
-    """`_doc`/`_create`: the document gets its vector if its index embeds on write."""
+    """`_doc`/`_create`: the document gets its vector if its index embeds on write; any other
+    index's write streams through unread."""
     services = request.app[SERVICES]
+    index = request.match_info["index"]
+    caller = services.identity.for_caller(request.headers)
+    profile = await services.writes.target(index, caller)
+    if profile is None:
+        return await forward_upstream(request)
     body = await _write_body(request)
-    enriched = await services.writes.document(
-        request.match_info["index"], body, services.identity.for_caller(request.headers)
-    )
+    enriched = await services.writes.document(profile, index, body, caller)
     return await _forward_write(request, body, enriched)
 
 
 async def write_update(request: web.Request) -> web.StreamResponse:
-    """`_update`: its `doc`/`upsert` get their vector if the index embeds on write."""
+    """`_update`: its `doc`/`upsert` get their vector if the index embeds on write; any other
+    index's update streams through unread."""
     services = request.app[SERVICES]
+    index = request.match_info["index"]
+    caller = services.identity.for_caller(request.headers)
+    profile = await services.writes.target(index, caller)
+    if profile is None:
+        return await forward_upstream(request)
     body = await _write_body(request)
     enriched = await services.writes.update(
-        request.match_info["index"],
+        profile,
+        index,
         request.match_info["id"],
         request.query.get("routing"),
         body,
         _stored_documents(request),
-        services.identity.for_caller(request.headers),
+        caller,
     )
     return await _forward_write(request, body, enriched)
 

@@ -118,21 +118,31 @@ def _with_vector_for(text: str, member: tuple[str, ...]) -> str:
     return _with_vector(text, member, profile, [1.0, 2.0])
 
 
+def document(path: WritePath, index: str, body: bytes) -> bytes | None:
+    """A single-document write as the write route makes it: the target's profile, then the body."""
+
+    async def run() -> bytes | None:
+        profile = await path.target(index)
+        return None if profile is None else await path.document(profile, index, body, None)
+
+    return asyncio.run(run())
+
+
 def test_a_document_gets_the_vector_of_its_title_and_text() -> None:
     encoder = FakeEncoder()
-    out = asyncio.run(write_path(encoder).document("docs", b'{"title": "T", "text": "body b"}'))
+    out = document(write_path(encoder), "docs", b'{"title": "T", "text": "body b"}')
     assert out is not None
     assert json.loads(out)["embedding"] == vector_of("T body b")
 
 
 def test_documents_of_other_indexes_or_with_their_own_vector_pass_unchanged() -> None:
     path = write_path(FakeEncoder())
-    assert asyncio.run(path.document("plain", b'{"title": "T"}')) is None
-    assert asyncio.run(path.document("absent", b'{"title": "T"}')) is None
+    assert asyncio.run(path.target("plain")) is None, "streams through unread"
+    assert asyncio.run(path.target("absent")) is None
     own = b'{"title": "T", "embedding": [0, 1]}'
-    assert asyncio.run(path.document("docs", own)) is None
-    assert asyncio.run(path.document("docs", b'{"other": 1}')) is None, "no text, no vector"
-    assert asyncio.run(path.document("docs", b"not json")) is None, "OpenSearch refuses it"
+    assert document(path, "docs", own) is None
+    assert document(path, "docs", b'{"other": 1}') is None, "no text, no vector"
+    assert document(path, "docs", b"not json") is None, "OpenSearch refuses it"
 
 
 def test_bulk_adds_vectors_only_where_needed_and_keeps_every_other_line() -> None:

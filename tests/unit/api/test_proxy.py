@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from sidecar.api.errors import ApiError, error_response
-from sidecar.api.proxy import create_session, forward, read_body
+from sidecar.api.proxy import ForwardPolicy, create_session, forward, read_body, read_timeout_s
 from sidecar.logging import request_id_var
 from sidecar.metrics import Metrics
 from sidecar.retrieval.identity import UpstreamIdentity
@@ -89,7 +89,7 @@ class FakeUpstream:
 def front_app(
     session: aiohttp.ClientSession,
     upstream_url: URL,
-    max_body_bytes: int,
+    policy: ForwardPolicy,
     request_id: str | None = None,
     settle_body: bool = False,
     identity: UpstreamIdentity = FORWARD,
@@ -101,15 +101,7 @@ def front_app(
         if request_id is not None:
             request_id_var.set(request_id)
         try:
-            return await forward(
-                request,
-                session,
-                [upstream_url],
-                identity,
-                max_body_bytes,
-                METRICS,
-                body_timeout_s=HANG_GUARD_S,
-            )
+            return await forward(request, session, [upstream_url], identity, policy, METRICS)
         except Exception as error:  # as the app's edge middleware does
             return error_response(error)
 
@@ -136,12 +128,14 @@ async def proxied(
     request_id: str | None = None,
     settle_body: bool = False,
     identity: UpstreamIdentity = FORWARD,
+    trust_forwarded: bool = False,
 ) -> AsyncIterator[Proxy]:
     async with TestServer(upstream.app(), host="127.0.0.1") as upstream_server:
         session = create_session(timeout_s=HANG_GUARD_S)
+        policy = ForwardPolicy(max_body_bytes, HANG_GUARD_S, HANG_GUARD_S, trust_forwarded)
         try:
             target = upstream_url or upstream_server.make_url("/")
-            app = front_app(session, target, max_body_bytes, request_id, settle_body, identity)
+            app = front_app(session, target, policy, request_id, settle_body, identity)
             async with (
                 TestServer(app, host="127.0.0.1") as front,
                 aiohttp.ClientSession(auto_decompress=False) as client,
@@ -370,7 +364,9 @@ def test_one_mebibyte_request_body_arrives_byte_for_byte() -> None:
     run(scenario)
 
 
-def test_chunked_request_body_is_forwarded_with_a_content_length() -> None:
+def test_chunked_request_body_is_streamed_through_chunked() -> None:
+    """A body of unknown length goes on as it comes, chunked, without being read first."""
+
     async def scenario() -> None:
         upstream = FakeUpstream()
 
@@ -379,14 +375,14 @@ def test_chunked_request_body_is_forwarded_with_a_content_length() -> None:
             yield b'{"match_all":{}}}'
 
         async with (
-            proxied(upstream, settle_body=True) as proxy,
+            proxied(upstream) as proxy,
             proxy.client.post(proxy.url("/idx/_search"), data=chunks()) as response,
         ):
             assert response.status == 200
         received = upstream.only()
         assert received.body == b'{"query":{"match_all":{}}}'
-        assert received.headers["Content-Length"] == str(len(received.body))
-        assert "Transfer-Encoding" not in received.headers
+        assert received.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Length" not in received.headers
 
     run(scenario)
 
@@ -532,25 +528,63 @@ def test_redirects_are_passed_back_not_followed() -> None:
     run(scenario)
 
 
-# 5. body size limit
+# 5. body size: the cluster's limit, not the sidecar's
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_body_above_the_limit_gets_413_and_never_reaches_upstream(chunked: bool) -> None:
+def test_a_streamed_body_above_the_sidecars_read_limit_reaches_the_cluster(chunked: bool) -> None:
+    """The limit is for bodies the sidecar reads; the cluster's own (and its 413) apply to the
+    rest, as they would without the sidecar."""
+
     async def scenario() -> None:
         upstream = FakeUpstream()
         limit = 1024
-        body = b"x" * (limit + 1)
+        body = random.Random(3).randbytes(64 * limit)
 
         async def chunks() -> AsyncIterator[bytes]:
-            yield body
+            for start in range(0, len(body), 4096):
+                yield body[start : start + 4096]
 
         async with (
             proxied(upstream, max_body_bytes=limit) as proxy,
-            proxy.client.post(proxy.url("/_bulk"), data=chunks() if chunked else body) as response,
+            proxy.client.post(
+                proxy.url("/_msearch"), data=chunks() if chunked else body
+            ) as response,
+        ):
+            assert response.status == 200
+        assert upstream.only().body == body
+
+    run(scenario)
+
+
+def test_the_clusters_413_comes_back_as_it_gave_it() -> None:
+    async def scenario() -> None:
+        refusal = b'{"error":{"type":"content_too_long_exception"},"status":413}'
+        upstream = FakeUpstream(Answer(status=413, body=refusal))
+        async with (
+            proxied(upstream) as proxy,
+            proxy.client.post(proxy.url("/_msearch"), data=b"{}\n{}\n") as response,
         ):
             assert response.status == 413
-            assert response.content_type == "application/json"
+            assert await response.read() == refusal
+
+    run(scenario)
+
+
+def test_a_compressed_body_above_the_read_limit_gets_413_and_never_reaches_upstream() -> None:
+    """A compressed body is read (inflated) before it goes on: that read is bounded."""
+
+    async def scenario() -> None:
+        upstream = FakeUpstream()
+        async with (
+            proxied(upstream, max_body_bytes=1024) as proxy,
+            proxy.client.post(
+                proxy.url("/_msearch"),
+                data=gzip.compress(b"x" * 4096),
+                headers={"Content-Encoding": "gzip"},
+            ) as response,
+        ):
+            assert response.status == 413
             answer = await response.json()
         assert_opensearch_error(answer, 413, "content_too_long_exception")
         assert SIZE_LIMIT_REASON in answer["error"]["reason"]
@@ -559,16 +593,84 @@ def test_body_above_the_limit_gets_413_and_never_reaches_upstream(chunked: bool)
     run(scenario)
 
 
-def test_body_exactly_at_the_limit_is_forwarded() -> None:
+# 5b. how long the cluster may take
+
+
+@pytest.mark.parametrize(
+    ("query", "expected_s"),
+    [
+        ({}, 300.0),
+        ({"timeout": "35s"}, 300.0),  # shorter than the idle limit: the idle limit
+        ({"timeout": "10m"}, 610.0),
+        ({"wait_for_nodes": "5", "master_timeout": "2h"}, 7210.0),
+        ({"cluster_manager_timeout": "400000ms", "timeout": "1s"}, 410.0),
+        ({"timeout": "7d"}, 604810.0),
+        ({"timeout": "-1"}, None),  # wait without limit, as asked
+        ({"timeout": "soon"}, 300.0),  # the cluster refuses it itself
+        ({"timeout": "12"}, 300.0),
+    ],
+)
+def test_a_request_that_asks_the_cluster_to_wait_is_never_cut_shorter(
+    query: dict[str, str], expected_s: float | None
+) -> None:
+    assert read_timeout_s(query, 300.0) == expected_s
+
+
+def test_a_slow_answer_within_the_wait_the_request_asked_for_is_relayed() -> None:
+    """The idle limit is 0.2 s here; the cluster answers after 0.5 s a request that asked for up
+    to 1 s (`timeout=1s`), and its answer comes back instead of a 504."""
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.json_response({"timed_out": True}, status=408)
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/_cluster/health", slow)
+        async with TestServer(app, host="127.0.0.1") as cluster:
+            session = create_session(timeout_s=HANG_GUARD_S)
+            policy = ForwardPolicy(MAX_BODY_BYTES, HANG_GUARD_S, idle_timeout_s=0.2)
+            front = front_app(session, cluster.make_url("/"), policy)
+            try:
+                async with (
+                    TestServer(front, host="127.0.0.1") as server,
+                    aiohttp.ClientSession() as client,
+                ):
+                    url = server.make_url("/_cluster/health")
+                    async with client.get(url, params={"timeout": "1s"}) as answer:
+                        assert answer.status == 408
+                    async with client.get(url) as answer:
+                        assert answer.status == 504, "no wait asked: the idle limit applies"
+            finally:
+                await session.close()
+
+    run(scenario)
+
+
+# 5c. who the caller is, for the cluster's logs
+
+
+@pytest.mark.parametrize("trust", [False, True], ids=["untrusted", "trusted"])
+def test_the_callers_address_is_appended_and_a_claimed_chain_kept_only_when_trusted(
+    trust: bool,
+) -> None:
     async def scenario() -> None:
         upstream = FakeUpstream()
-        body = b"y" * 1024
+        claimed = {"X-Forwarded-For": "203.0.113.9", "Forwarded": "for=203.0.113.9;proto=https"}
         async with (
-            proxied(upstream, max_body_bytes=1024) as proxy,
-            proxy.client.post(proxy.url("/_bulk"), data=body) as response,
+            proxied(upstream, trust_forwarded=trust) as proxy,
+            proxy.client.get(proxy.url("/_cat/indices"), headers=claimed) as response,
         ):
             assert response.status == 200
-        assert upstream.only().body == body
+        received = upstream.only().headers
+        if trust:
+            assert received.getall("X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
+            assert received.getall("Forwarded") == [
+                "for=203.0.113.9;proto=https, for=127.0.0.1;proto=http"
+            ]
+        else:
+            assert received.getall("X-Forwarded-For") == ["127.0.0.1"]
+            assert received.getall("Forwarded") == ["for=127.0.0.1;proto=http"]
 
     run(scenario)
 

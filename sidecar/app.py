@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,7 @@ def create_app(
                     embed_executor,
                     metrics,
                     final_scorer,
+                    caller_cache_key(settings),
                 ),
                 writes=WritePath(profiles, encoders, embed_executor, metrics),
                 upstream=upstream,
@@ -230,6 +232,15 @@ def upstream_identity(settings: Settings) -> UpstreamIdentity:
         )
     except ValueError as error:
         raise SettingsError(f"upstream identity: {error}") from None
+
+
+def caller_cache_key(settings: Settings) -> bytes | None:
+    """The key each caller's score-cache partition is an HMAC under, when callers are kept apart."""
+    if not settings.caches_per_caller:
+        return None
+    if settings.score_cache_caller_key is not None:
+        return settings.score_cache_caller_key.get_secret_value().encode()
+    return secrets.token_bytes(32)
 
 
 def shared_score_cache(settings: Settings, metrics: Metrics) -> SharedScoreCache | None:

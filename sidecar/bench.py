@@ -31,7 +31,8 @@ class LevelResult:
     errors: int = 0
     rejected: int = 0
     fail_open: int = 0
-    pairs_scored: int = 0
+    # None: the sidecar does not report them (SIDECAR_REPORT_CACHE_STATS off).
+    pairs_scored: int | None = 0
     duration_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     rerank_ms: list[float] = field(default_factory=list, repr=False)
@@ -53,8 +54,8 @@ class LevelResult:
             "rejected_429": self.rejected,
             "fail_open": self.fail_open,
             "pairs_per_s": round(self.pairs_scored / self.duration_s, 1)
-            if self.duration_s
-            else 0.0,
+            if self.duration_s and self.pairs_scored is not None
+            else None,
         }
 
 
@@ -126,7 +127,12 @@ def sidecar_sender(
                 result.errors += 1
             else:
                 result.fail_open += bool(answer["rerank"]["fail_open"])
-                result.pairs_scored += answer["rerank"]["pairs_scored"]
+                scored = answer["rerank"]["pairs_scored"]
+                result.pairs_scored = (
+                    None
+                    if scored is None or result.pairs_scored is None
+                    else result.pairs_scored + scored
+                )
                 if answer["rerank"]["applied"]:
                     result.rerank_ms.append(answer["timings_ms"]["rerank"])
 

@@ -853,7 +853,8 @@ def _train_reranker(args: argparse.Namespace, settings: Settings) -> int:
     sidecar = shlex.join(sidecar_command())
     url = _local_sidecar(settings)
     print(
-        f"serve it:    SIDECAR_RERANKER_MODEL={shlex.quote(str(out_dir))} {sidecar} serve "
+        f"serve it:    SIDECAR_RERANKER_MODEL={shlex.quote(str(out_dir))} "
+        f"SIDECAR_REPORT_CACHE_STATS=true {sidecar} serve "
         f"--opensearch {settings.opensearch_url} --listen-port {settings.listen_port}"
     )
     heldout = out_dir / HELDOUT_QRELS

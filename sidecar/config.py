@@ -296,6 +296,16 @@ class Settings:
     # only; Amazon OpenSearch Service `es` or Serverless `aoss`), in this region.
     service_aws_region: str | None = None
     service_aws_service: AwsService = "es"
+    # Cache rerank scores apart for each caller (keyed by an HMAC of their identity headers), so
+    # that no caller learns from the cache what another searched. None: on in `forward` mode,
+    # off in `service` mode (every caller is the sidecar then).
+    score_cache_per_caller: bool | None = None
+    # The HMAC key for that, the same on every replica so a caller's scores are shared through
+    # the Redis cache; unset: a key of the process's own (entries per caller and per replica).
+    score_cache_caller_key: SecretStr | None = None
+    # Report `cache_hits` and `pairs_scored` in answers (benchmarks and `sidecar eval` read
+    # them). Off by default: across callers sharing a cache, a hit tells one what another did.
+    report_cache_stats: bool = False
     # Index profiles by index name or pattern (config file `[profiles."..."]` tables only).
     profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
     # Downloaded OpenSearch artifacts are cached here.
@@ -420,6 +430,12 @@ class Settings:
             self.service_aws_service in ("es", "aoss"),
             f"SIDECAR_SERVICE_AWS_SERVICE must be es or aoss, got {self.service_aws_service!r}",
         )
+
+    @property
+    def caches_per_caller(self) -> bool:
+        if self.score_cache_per_caller is not None:
+            return self.score_cache_per_caller
+        return self.upstream_identity == "forward"
 
     @property
     def opensearch_urls(self) -> tuple[str, ...]:

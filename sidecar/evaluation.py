@@ -226,7 +226,12 @@ def collect_runs(
             collected.runs["hybrid+rerank"][query_id] = _by_position(hit["id"] for hit in hits)
             collected.candidates.setdefault(query_id, {hit["id"] for hit in hits})
             collected.final_top.extend(hit | {"query_id": query_id} for hit in hits[:k])
-            collected.pairs_scored.append(answer["rerank"]["pairs_scored"])
+            if (pairs := answer["rerank"]["pairs_scored"]) is None:
+                raise EvalError(
+                    f"the sidecar at {sidecar_url} does not report pairs scored, which the rerank "
+                    "cost figures are made of: serve it with SIDECAR_REPORT_CACHE_STATS=true"
+                )
+            collected.pairs_scored.append(pairs)
             _add_timings(collected.timings_ms, "rerank_request", answer["timings_ms"])
     return collected
 

@@ -23,6 +23,7 @@ from sidecar.rerank.reranker import RerankDocument, Reranker
 from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.first_stage import FirstStage, FirstStageQuery, Fusion, retrieve
 from sidecar.retrieval.fusion import Candidate
+from sidecar.retrieval.identity import fingerprint
 from sidecar.retrieval.opensearch import Upstream, UpstreamError
 from sidecar.retrieval.profiles import IndexProfile, check_filter, read_text
 from sidecar.retrieval.queries import Filter
@@ -162,8 +163,12 @@ class SearchPipeline:
         embed_executor: ThreadPoolExecutor,
         metrics: Metrics,
         final_scorer: LearnedScorer | None = None,
+        caller_cache_key: bytes | None = None,
     ) -> None:
         self._settings = settings
+        # Each caller's scores are cached apart, under an HMAC of their identity headers with
+        # this key (so no caller learns from the cache what another searched); None: one cache.
+        self._caller_cache_key = caller_cache_key
         # Replaces the blend for reranked candidates (the model's serving.json); None: the blend.
         self._final_scorer = final_scorer
         self.metrics = metrics
@@ -252,6 +257,7 @@ class SearchPipeline:
             timings,
             read_cache=request.rerank_cache,
             depth=request.rerank_depth,
+            caller=request.caller_headers,
         )
         log_stage("total", timings.record("total", started), hits=len(hits))
         top = hits[: self._settings.provenance_top_k]
@@ -287,6 +293,7 @@ class SearchPipeline:
         timings: Timings,
         read_cache: bool = True,
         depth: int | None = None,
+        caller: Mapping[str, str] | None = None,
     ) -> tuple[list[RankedHit], RerankReport]:
         """Stage 2 and normalization over first-stage `candidates` (best first), reading `texts`
         (one per candidate); top `k` returned.
@@ -316,8 +323,16 @@ class SearchPipeline:
                 remaining_s = deadline - asyncio.get_running_loop().time()
                 if remaining_s <= 0:
                     raise TimeoutError
+                # A caller with no identity headers is who every anonymous caller is.
+                partition = (
+                    fingerprint(self._caller_cache_key, caller)
+                    if self._caller_cache_key is not None and caller
+                    else ""
+                )
                 scores = await asyncio.wait_for(
-                    self._reranker.score(query, documents, truncation, read_cache=read_cache),
+                    self._reranker.score(
+                        query, documents, truncation, read_cache=read_cache, partition=partition
+                    ),
                     remaining_s,
                 )
                 logits = [None] * len(candidates)

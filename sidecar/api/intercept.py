@@ -141,6 +141,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
         deadline,
         timings,
         depth=rerank_ext.rerank_depth,
+        caller=caller,
     )
     caller_patterns = [f for f in asked_fields or [] if isinstance(f, str)]
     page = ranked[offset : offset + size]
@@ -165,7 +166,7 @@ async def intercept_search(request: web.Request) -> web.StreamResponse:
     total_s = timings.record("total", started)
     log_stage("total", total_s, hits=len(hits))
     response["took"] = round(total_s * 1000)
-    response.setdefault("ext", {})["rerank"] = rerank_report(report)
+    response.setdefault("ext", {})["rerank"] = rerank_report(report, settings.report_cache_stats)
     return json_response(apply_filter_path(response, filter_path))
 
 

@@ -37,14 +37,17 @@ async def forward_upstream(
     )
 
 
-def rerank_report(report: RerankReport) -> dict[str, Any]:
+def rerank_report(report: RerankReport, cache_stats: bool) -> dict[str, Any]:
+    """The rerank report callers see. `cache_hits` and `pairs_scored` are null unless the
+    operator reports them (`cache_stats`): with a cache shared between callers, a hit says that
+    someone else searched the same thing lately."""
     return {
         "applied": report.applied,
         "model": public_model_name(report.model),
         "device": report.device,
         "dtype": report.dtype,
-        "cache_hits": report.cache_hits,
-        "pairs_scored": report.pairs_scored,
+        "cache_hits": report.cache_hits if cache_stats else None,
+        "pairs_scored": report.pairs_scored if cache_stats else None,
         "fail_open": report.fail_open,
         "reason": report.reason,
         "empty_text": report.empty_text,

@@ -187,7 +187,7 @@ async def native_search(request: web.Request) -> web.Response:
         },
         "first_stage": _first_stage(result),
         "timings_ms": result.timings.values_ms,
-        "rerank": rerank_report(result.rerank),
+        "rerank": rerank_report(result.rerank, services.settings.report_cache_stats),
     }
     if search.explain:
         # Each retriever's own ranked list, before fusion cut the union to `candidates`.

@@ -76,13 +76,16 @@ class Reranker:
         truncation: Truncation,
         *,
         read_cache: bool = True,
+        partition: str = "",
     ) -> RerankScores:
         """Logits for every document. Cached scores are reused; the rest go through the batcher.
+        `partition`: scores are cached apart for each (e.g. each caller), and only read back
+        within it.
 
         Raises Overloaded (admission bound), BatcherClosed, or whatever the model raised. Callers
         bound the wait with their deadline; cancelling releases the queued pairs.
         """
-        namespace = self._cache_namespace(truncation)
+        namespace = f"{self._cache_namespace(truncation)}|partition={partition}"
         keys = [ScoreCache.key(namespace, query, doc.key, doc.text) for doc in documents]
         logits: list[float | None] = (
             await self._cached_logits(keys) if read_cache else [None] * len(keys)

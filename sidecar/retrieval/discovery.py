@@ -7,8 +7,6 @@ not show them; the sidecar's own reads (the check at start) use its own identity
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import secrets
 from collections.abc import Mapping
@@ -16,6 +14,7 @@ from collections.abc import Mapping
 from cachetools import TTLCache
 
 from sidecar.config import ProfileConfig
+from sidecar.retrieval.identity import fingerprint
 from sidecar.retrieval.opensearch import Upstream, UpstreamError
 from sidecar.retrieval.profiles import (
     IndexProfile,
@@ -134,7 +133,7 @@ class ProfileResolver:
                 )
 
     async def _mapping(self, index: str, headers: Mapping[str, str] | None) -> MappingInfo:
-        key = (index, self._fingerprint(headers))
+        key = (index, "sidecar" if headers is None else fingerprint(self._fingerprint_key, headers))
         if (cached := self._mappings.get(key)) is not None:
             return cached
         mapping = MappingInfo.from_response(await self._upstream.mapping(index, headers))
@@ -156,12 +155,6 @@ class ProfileResolver:
         if not isinstance(mappings, dict) or not mappings.get("properties"):
             return None
         return MappingInfo.from_response({index: {"mappings": mappings}})
-
-    def _fingerprint(self, headers: Mapping[str, str] | None) -> str:
-        if headers is None:
-            return "sidecar"
-        material = "\n".join(f"{k.lower()}:{v}" for k, v in sorted(headers.items())).encode()
-        return hmac.new(self._fingerprint_key, material, hashlib.sha256).hexdigest()
 
     def _build(
         self, index: str, mapping: MappingInfo | None, *, need_vector: bool = True

@@ -9,6 +9,8 @@ is per request, so the signer is applied where each request is sent, not as a he
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -25,6 +27,13 @@ _PROXY_HEADER_PREFIX = "x-proxy-"
 
 # (method, url, body, headers) → the signature headers to add; see sigv4.SigV4Signer.
 Signer = Callable[[str, str, bytes | None, Mapping[str, str] | None], dict[str, str]]
+
+
+def fingerprint(key: bytes, headers: Mapping[str, str]) -> str:
+    """Who a caller is, as a cache may key it: an HMAC of their identity headers under `key`, so
+    a cache never holds a credential, nor anything to guess one from without the key."""
+    material = "\n".join(f"{k.lower()}:{v}" for k, v in sorted(headers.items())).encode()
+    return hmac.new(key, material, hashlib.sha256).hexdigest()
 
 
 def basic_authorization(username: str, password: str) -> str:

@@ -63,7 +63,7 @@ class RunningSidecar:
 def sidecar_settings(opensearch_url: str, model: Path, **overrides: Any) -> Settings:
     """Settings for a test sidecar: the small offline cross-encoder on torch in float32 (exact
     comparisons; the other runtimes have tests of their own), short pairs, a generous deadline
-    unless a test sets one, small limits for the bad-input tests."""
+    unless a test sets one, small limits for the bad-input tests, cache figures reported."""
     values: dict[str, Any] = {
         "opensearch_url": opensearch_url,
         "reranker_model": str(model),
@@ -73,6 +73,8 @@ def sidecar_settings(opensearch_url: str, model: Path, **overrides: Any) -> Sett
         "request_timeout_s": 120.0,
         "max_candidates": 200,
         "max_body_bytes": 64 * 1024,
+        # The tests read cache hits and pairs scored; a sidecar reports them only when asked.
+        "report_cache_stats": True,
     }
     return Settings(**(values | overrides))
 

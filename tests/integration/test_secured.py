@@ -441,6 +441,50 @@ def test_eval_measures_through_a_forwarding_sidecar_as_the_user_it_is_given(
     assert report["quality"]["hybrid"]["ndcg@10"] > 0
 
 
+def test_one_callers_searches_are_no_cache_hits_for_another(
+    sidecar: tuple[RunningSidecar, RecordingBackend], users: Users
+) -> None:
+    """Forward mode keeps each caller's scores apart: `all_reader` and `reader_a` read the same
+    documents, and neither learns from the cache (hits, or their speed) what the other searched."""
+    server, _ = sidecar
+    query = "which exception is raised when a dictionary key is missing"
+    answers = [
+        native(server, users.auth(user), query=query, explain=True)
+        for user in ("all_reader", "reader_a", "all_reader")
+    ]
+    assert all(status == 200 for status, _ in answers), answers
+    (_, first), (_, other), (_, again) = answers
+    assert [h["id"] for h in first["hits"]] == [h["id"] for h in other["hits"]]
+    scored = first["candidates"]
+    assert scored > 0
+    assert (first["rerank"]["cache_hits"], first["rerank"]["pairs_scored"]) == (0, scored)
+    assert (other["rerank"]["cache_hits"], other["rerank"]["pairs_scored"]) == (0, scored)
+    assert (again["rerank"]["cache_hits"], again["rerank"]["pairs_scored"]) == (scored, 0)
+
+
+def test_cache_figures_are_not_reported_unless_the_operator_asks(
+    secured_opensearch: SecuredCluster,
+    users: Users,
+    corpus: Corpus,
+    encoder: BiEncoder,
+    tiny_cross_encoder: Path,
+) -> None:
+    with running_sidecar(
+        secured_opensearch.url,
+        tiny_cross_encoder,
+        encoder,
+        upstream_ca_certs=secured_opensearch.ca_certs,
+        report_cache_stats=False,
+    ) as server:
+        status, answer = native(server, users.auth("reader_a"))
+        assert status == 200, answer
+        assert answer["rerank"]["applied"] is True
+        assert (answer["rerank"]["cache_hits"], answer["rerank"]["pairs_scored"]) == (None, None)
+        status, answer = intercepted(server, users.auth("reader_a"))
+        assert status == 200, answer
+        assert answer["ext"]["rerank"]["cache_hits"] is None
+
+
 def test_no_password_or_authorization_value_reaches_the_sidecars_log(
     sidecar: tuple[RunningSidecar, RecordingBackend], users: Users, sidecar_log: io.StringIO
 ) -> None:

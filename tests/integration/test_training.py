@@ -228,8 +228,9 @@ def test_train_reranker_mines_trains_and_the_model_serves_and_evaluates(
     assert not (out / "checkpoints").exists()
     serve = shlex.split(printed_line(trained.printed, "serve it:"))
     assert serve[0] == f"SIDECAR_RERANKER_MODEL={out.resolve()}"
-    assert Path(serve[1]).is_file(), "the weight is the model's own: no SIDECAR_ALPHA to copy"
-    assert serve[2] == "serve"
+    assert serve[1] == "SIDECAR_REPORT_CACHE_STATS=true", "the printed eval measures rerank cost"
+    assert Path(serve[2]).is_file(), "the weight is the model's own: no SIDECAR_ALPHA to copy"
+    assert serve[3] == "serve"
     assert serve[serve.index("--opensearch") + 1] == opensearch.url
 
     with running_sidecar(opensearch.url, out, encoder) as served:

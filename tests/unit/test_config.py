@@ -173,3 +173,32 @@ def test_credentials_in_the_cluster_url_are_refused(url: str) -> None:
 def test_identity_settings_that_cannot_work(environ: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(environ)
+
+
+@pytest.mark.parametrize(
+    ("environ", "per_caller"),
+    [
+        ({}, True),  # forward mode: callers are told apart
+        (
+            {
+                "SIDECAR_UPSTREAM_IDENTITY": "service",
+                "SIDECAR_SERVICE_USERNAME": "sidecar",
+                "SIDECAR_SERVICE_PASSWORD": "s3cret",
+            },
+            False,  # one identity for every caller: one cache
+        ),
+        ({"SIDECAR_SCORE_CACHE_PER_CALLER": "false"}, False),
+    ],
+)
+def test_scores_are_cached_per_caller_in_forward_mode_unless_turned_off(
+    environ: dict[str, str], per_caller: bool
+) -> None:
+    settings = Settings.from_env(environ)
+    assert settings.caches_per_caller is per_caller
+    assert settings.report_cache_stats is False, "cache figures are the operator's to turn on"
+
+
+def test_the_caller_cache_key_is_a_secret() -> None:
+    settings = Settings.from_env({"SIDECAR_SCORE_CACHE_CALLER_KEY": "k3y-material"})
+    assert "k3y-material" not in repr(settings)
+    assert "k3y-material" not in str(settings.redacted())

@@ -58,6 +58,7 @@ def rerank(
     *,
     overlap_tokens: int = 0,
     passage_tokens: int | None = None,
+    partition: str = "",
 ) -> RerankScores:
     """One Reranker.score call with a fresh batcher around the shared backend and cache."""
 
@@ -74,7 +75,7 @@ def rerank(
                 overlap_tokens=overlap_tokens,
                 passage_tokens=passage_tokens,
             )
-            return await reranker.score(query, documents, truncation)
+            return await reranker.score(query, documents, truncation, partition=partition)
         finally:
             await batcher.stop()
 
@@ -177,3 +178,16 @@ def test_cache_reads_can_be_skipped_while_scores_are_still_stored() -> None:
         fresh, cached = asyncio.run(run())
     assert (fresh.pairs_scored, fresh.cache_hits) == (1, 0)
     assert (cached.pairs_scored, cached.cache_hits) == (0, 1)
+
+
+def test_a_partition_reads_back_only_its_own_scores() -> None:
+    """Callers kept apart: what one caller's search put in the cache is no hit for another."""
+    backend = FakeBackend()
+    cache = ScoreCache(100, 60.0)
+    documents = [RerankDocument(DocKey("docs", "a"), "cat cat")]
+    with ThreadPoolExecutor(1) as executor:
+        first = rerank(backend, cache, executor, "cat", documents, "first", partition="alice")
+        other = rerank(backend, cache, executor, "cat", documents, "first", partition="bob")
+        again = rerank(backend, cache, executor, "cat", documents, "first", partition="alice")
+    assert (first.cache_hits, other.cache_hits, again.cache_hits) == (0, 0, 1)
+    assert first.logits == other.logits == again.logits

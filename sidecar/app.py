@@ -204,7 +204,7 @@ def create_app(
                 executor.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(services)
-    add_routes(app, metrics_registry)
+    add_routes(app, metrics_registry, settings.metrics_port)
     return app
 
 

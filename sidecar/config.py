@@ -176,6 +176,9 @@ class Settings:
     # Where `sidecar serve` listens.
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
+    # Serve /metrics on this port of SIDECAR_LISTEN_HOST (plain HTTP) instead of the main one, so
+    # that scrapers reach it and the main port's clients do not.
+    metrics_port: int | None = None
     # HTTPS on the sidecar's own listener, for deployments without a TLS-terminating ingress.
     listen_tls_cert: Path | None = None
     listen_tls_key: Path | None = None
@@ -333,6 +336,11 @@ class Settings:
                 "SIDECAR_SERVICE_PASSWORD_FILE",
             )
         _require(1 <= self.listen_port <= 65535, "SIDECAR_LISTEN_PORT must be 1-65535")
+        _require(
+            self.metrics_port is None
+            or (1 <= self.metrics_port <= 65535 and self.metrics_port != self.listen_port),
+            "SIDECAR_METRICS_PORT must be 1-65535 and not SIDECAR_LISTEN_PORT",
+        )
         for name in ("embedding_dtype", "reranker_dtype"):
             value = getattr(self, name)
             _require(

@@ -16,6 +16,7 @@ from aiohttp.http import HttpProcessingError
 from aiohttp.http_exceptions import LineTooLong
 
 from sidecar.api.errors import ApiError, error_response
+from sidecar.api.routes import METRICS_APP
 from sidecar.config import Settings, SettingsError
 from sidecar.retrieval.tls import TlsError, server_context
 
@@ -157,9 +158,16 @@ async def _serve_until_signal(
         **listener_options(settings),
     )
     await runner.setup()
+    metrics_runner = None
     try:
         site = web.TCPSite(runner, settings.listen_host, settings.listen_port, ssl_context=tls)
         await site.start()
+        if (metrics_app := app.get(METRICS_APP)) is not None:
+            metrics_runner = web.AppRunner(metrics_app, access_log=None)
+            await metrics_runner.setup()
+            metrics_site = web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port)
+            await metrics_site.start()
+            log.info("metrics on %s", metrics_site.name, extra={"url": metrics_site.name})
         for signum in _SHUTDOWN_SIGNALS:
             loop.add_signal_handler(signum, signals.put_nowait, signum)
         log.info("serving on %s", site.name, extra={"url": site.name})
@@ -174,4 +182,7 @@ async def _serve_until_signal(
         )
     finally:
         await runner.cleanup()
+        # Last: the drain itself is still scraped.
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
     log.info("stopped: requests drained, services closed")

@@ -53,9 +53,22 @@ _ROUTE_LABELS = {
 }
 
 
-def add_routes(app: web.Application, registry: CollectorRegistry) -> None:
+# The app that serves /metrics on SIDECAR_METRICS_PORT, when the operator gives it its own port.
+METRICS_APP = web.AppKey("metrics_app", web.Application)
+
+
+def add_routes(
+    app: web.Application, registry: CollectorRegistry, metrics_port: int | None = None
+) -> None:
+    """The route table. With `metrics_port`, /metrics is not on the main listener: it is served
+    by `app[METRICS_APP]`, which `serve` starts on that port (scrapers reach it; the clients of
+    the main port do not)."""
+    if metrics_port is None:
+        _add_own_path(app, "GET", "/metrics", make_aiohttp_handler(registry))
+    else:
+        app[METRICS_APP] = web.Application()
+        _add_own_path(app[METRICS_APP], "GET", "/metrics", make_aiohttp_handler(registry))
     for method, path, handler in (
-        ("GET", "/metrics", make_aiohttp_handler(registry)),
         ("GET", "/healthz", healthz),
         ("GET", "/readyz", readyz),
         ("POST", "/v1/search", native_search),

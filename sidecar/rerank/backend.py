@@ -6,9 +6,11 @@ loop. The contract is small so tests and benchmarks can put a fake behind the sa
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +66,8 @@ class RerankBackend(Protocol):
         ...
 
     def score(self, pairs: Sequence[ScoringPair]) -> list[float]:
-        """Raw relevance logits, one per pair. Raises BatchTooLarge when the batch does not fit."""
+        """Raw relevance logits, one per pair. Raises BatchTooLarge when the batch does not fit.
+        Called from one thread at a time (the model executor); prepare may run meanwhile."""
         ...
 
 
@@ -79,6 +82,26 @@ def model_identity(source: str, revision: str | None) -> str:
             digest.update(f"{item.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
         revision = digest.hexdigest()
     return f"{source}@{revision or 'main'}"
+
+
+class ThreadTokenizers:
+    """A copy of one tokenizer for each thread that asks. A fast tokenizer holds truncation and
+    padding as state that every call sets, so threads sharing one leak their settings into each
+    other's calls: an untruncated row past the model's positions, unpadded rows, or truncated
+    token counts."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        # Copied now, while no thread uses it; each thread's copy is made from this one, which no
+        # thread tokenizes with.
+        self._original = copy.deepcopy(tokenizer)
+        self._local = threading.local()
+
+    def get(self) -> Any:
+        """The calling thread's own tokenizer, copied on its first call."""
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._local.tokenizer = copy.deepcopy(self._original)
+        return tokenizer
 
 
 class CrossEncoderBackend:
@@ -120,9 +143,11 @@ class CrossEncoderBackend:
                 f"{model} has {self._model.num_labels} output labels; the reranker needs a "
                 "single-logit relevance cross-encoder"
             )
-        self._tokenizer: Any = self._model.tokenizer
+        # The model's own tokenizer serves only its predict, on the model thread; prepare (on
+        # another thread) and the exported runtimes' score each tokenize with their thread's copy.
+        self._tokenizers = ThreadTokenizers(self._model.tokenizer)
         self.max_length = int(max_length or self._model.max_seq_length or 512)
-        self._special_tokens = int(self._tokenizer.num_special_tokens_to_add(pair=True))
+        self._special_tokens = int(self._model.tokenizer.num_special_tokens_to_add(pair=True))
         self._identity_activation = torch.nn.Identity()
         self._out_of_memory: type[BaseException] = torch.cuda.OutOfMemoryError
         base_identity = model_identity(source, revision)
@@ -160,10 +185,11 @@ class CrossEncoderBackend:
         overlap_tokens: int,
         passage_tokens: int | None = None,
     ) -> list[list[ScoringPair]]:
+        tokenizer = self._tokenizers.get()
         # Lengths are counted untruncated (verbose=False: no warning for long documents).
-        query_ids = self._tokenizer(query, add_special_tokens=False, verbose=False)["input_ids"]
+        query_ids = tokenizer(query, add_special_tokens=False, verbose=False)["input_ids"]
         query_tokens = len(query_ids)
-        encoded = self._tokenizer(
+        encoded = tokenizer(
             list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False
         )
         if truncation == "first":
@@ -199,7 +225,7 @@ class CrossEncoderBackend:
     def score(self, pairs: Sequence[ScoringPair]) -> list[float]:
         if self._scorer is not None:
             features = tokenize_pairs(
-                self._tokenizer, [(pair.query, pair.text) for pair in pairs], self.max_length
+                self._tokenizers.get(), [(pair.query, pair.text) for pair in pairs], self.max_length
             )
             return self._scorer(features).astype(float).tolist()  # type: ignore[no-any-return]
         try:

@@ -157,13 +157,21 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float) -> None
         time.sleep(0.01)
 
 
+@dataclass(frozen=True)
+class Served:
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log: Path
+
+
 @pytest.fixture
-def served(
-    opensearch: Cluster, tiny_cross_encoder: Path, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    """`sidecar serve` as an operator runs it, configured like the in-process test sidecars."""
-    port = free_port()
+def served(opensearch: Cluster, tiny_cross_encoder: Path, tmp_path: Path) -> Iterator[Served]:
+    """`sidecar serve` as an operator runs it, configured like the in-process test sidecars,
+    with /metrics on a port of its own."""
+    port, metrics_port = free_port(), free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)} | {
+        "SIDECAR_METRICS_PORT": str(metrics_port),
         "SIDECAR_OPENSEARCH_URL": opensearch.url,
         "SIDECAR_RERANKER_MODEL": str(tiny_cross_encoder),
         "SIDECAR_RERANKER_DTYPE": "float32",
@@ -182,17 +190,29 @@ def served(
             stderr=subprocess.STDOUT,
         )
     try:
-        yield process, port, log
+        yield Served(process, port, metrics_port, log)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
 
 
+def test_metrics_on_their_own_port_are_not_on_the_main_one(served: Served) -> None:
+    wait_until_ready(served.process, f"http://127.0.0.1:{served.port}", served.log)
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics") as scraped:
+        assert scraped.status == 200
+        assert "sidecar_requests_total" in scraped.read().decode()
+    # On the main port /metrics is no path of the sidecar's: the cluster's own answer for it.
+    with pytest.raises(urllib.error.HTTPError) as main:
+        urllib.request.urlopen(f"http://127.0.0.1:{served.port}/metrics")
+    assert main.value.code in (400, 404)
+    assert b"sidecar_" not in main.value.read()
+
+
 def test_sigterm_under_load_finishes_every_request_in_flight_and_exits_cleanly(
-    served: tuple[subprocess.Popen[bytes], int, Path], pydoc_index: str
+    served: Served, pydoc_index: str
 ) -> None:
-    process, port, log = served
+    process, port, log = served.process, served.port, served.log
     wait_until_ready(process, f"http://127.0.0.1:{port}", log)
     load = SearchLoad(port, pydoc_index)
     load.start()

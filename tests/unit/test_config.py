@@ -202,3 +202,9 @@ def test_the_caller_cache_key_is_a_secret() -> None:
     settings = Settings.from_env({"SIDECAR_SCORE_CACHE_CALLER_KEY": "k3y-material"})
     assert "k3y-material" not in repr(settings)
     assert "k3y-material" not in str(settings.redacted())
+
+
+@pytest.mark.parametrize("port", ["0", "8080", "70000"])
+def test_the_metrics_port_is_a_port_of_its_own(port: str) -> None:
+    with pytest.raises(SettingsError, match="SIDECAR_METRICS_PORT"):
+        Settings.from_env({"SIDECAR_METRICS_PORT": port, "SIDECAR_LISTEN_PORT": "8080"})

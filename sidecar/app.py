@@ -34,7 +34,7 @@ from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import ProfileError
-from sidecar.retrieval.sigv4 import SigV4Signer
+from sidecar.retrieval.sigv4 import SigV4Signer, keep_fresh
 from sidecar.retrieval.tls import TlsError, client_context
 from sidecar.services import SERVICES, Services
 from sidecar.write_path import WritePath
@@ -112,6 +112,11 @@ def create_app(
             settings.opensearch_urls, settings.upstream_timeout_s, metrics, identity, tls
         )
         session = proxy.create_session(settings.upstream_timeout_s, tls)
+        refresher = (
+            asyncio.create_task(keep_fresh(identity.signer))
+            if isinstance(identity.signer, SigV4Signer)
+            else None
+        )
         try:
             profiles = ProfileResolver(
                 settings.profiles,
@@ -195,6 +200,8 @@ def create_app(
             )
             yield
         finally:
+            if refresher is not None:
+                refresher.cancel()
             await batcher.stop()
             if shared_cache is not None:
                 await shared_cache.close()

@@ -4,12 +4,16 @@ OpenSearch Service (`es`) or OpenSearch Serverless (`aoss`).
 A body-rewriting proxy cannot reuse a caller's signature: it covers the path, query and body
 that the sidecar changes, and expires after five minutes. So in this mode the sidecar signs every
 call itself, as its own role. Credentials come from botocore's default chain (environment,
-~/.aws, IRSA web identity, container or instance role), which also refreshes them.
+~/.aws, IRSA web identity, container or instance role), which also refreshes them. A refresh
+may call STS or the instance metadata service and block: requests are signed with the
+credentials last read, and `keep_fresh` reads them again on an executor, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
@@ -20,6 +24,10 @@ _SIGNATURE_HEADERS = frozenset(
 )
 # SigV4 encodes every byte but the RFC 3986 unreserved characters (so a space is %20, never +).
 _UNRESERVED = "-_.~"
+# How often the credentials are read again; botocore renews them within 15 minutes of expiry.
+REFRESH_INTERVAL_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 class SigV4Signer:
@@ -44,6 +52,13 @@ class SigV4Signer:
         self.region = region
         self.service = service
         self._credentials = credentials
+        # What requests are signed with; frozen, so a refresh between reading the key id and
+        # the secret cannot mix two identities. Read here (at start) and by `refresh`.
+        self._frozen = credentials.get_frozen_credentials()
+
+    def refresh(self) -> None:
+        """Read the credentials again (blocking when botocore renews them: off the loop)."""
+        self._frozen = self._credentials.get_frozen_credentials()
 
     def __call__(
         self,
@@ -71,14 +86,25 @@ class SigV4Signer:
             },
         )
         request.headers["X-Amz-Content-SHA256"] = hashlib.sha256(payload).hexdigest()
-        # Frozen: a refresh between reading the key id and the secret would mix two identities.
-        frozen = self._credentials.get_frozen_credentials()
-        SigV4Auth(frozen, self.service, self.region).add_auth(request)
+        SigV4Auth(self._frozen, self.service, self.region).add_auth(request)
         return {
             name: value
             for name, value in request.headers.items()
             if name.lower() in _SIGNATURE_HEADERS
         }
+
+
+async def keep_fresh(signer: SigV4Signer, interval_s: float = REFRESH_INTERVAL_S) -> None:
+    """Until cancelled: every `interval_s`, the signer's credentials read again on the default
+    executor. A failed read is logged and the last credentials stay in use (botocore raises only
+    once they cannot be renewed at all)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await loop.run_in_executor(None, signer.refresh)
+        except Exception:
+            log.exception("AWS credentials could not be refreshed; signing with the last ones")
 
 
 def _canonical_url(url: str) -> str:

@@ -3,11 +3,13 @@ tests/integration/test_sigv4.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 
-from botocore.credentials import Credentials
+from botocore.credentials import Credentials, ReadOnlyCredentials
 
-from sidecar.retrieval.sigv4 import SigV4Signer
+from sidecar.retrieval.sigv4 import SigV4Signer, keep_fresh
 
 SIGNER = SigV4Signer("eu-west-1", "aoss", Credentials("AKID", "secret", "session-token"))
 
@@ -39,3 +41,42 @@ def test_only_signature_headers_are_added_and_the_body_hash_is_signed() -> None:
 def test_the_sync_clients_bytes_method_and_an_empty_body_are_signed_alike() -> None:
     url = "https://example.eu-west-1.aoss.amazonaws.com/"
     assert SIGNER(b"GET", url)["X-Amz-Content-SHA256"] == hashlib.sha256(b"").hexdigest()
+
+
+class RenewingCredentials:
+    """botocore's refreshable credentials, as the signer sees them: each read may renew them
+    (blocking, in botocore), and says on which thread it ran."""
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+        self.renewed = threading.Event()
+
+    def get_frozen_credentials(self) -> ReadOnlyCredentials:
+        self.reads.append(threading.current_thread().name)
+        if len(self.reads) > 1:
+            self.renewed.set()
+        return ReadOnlyCredentials(f"AKID{len(self.reads)}", "secret", None)
+
+
+def test_signing_never_reads_the_credentials_and_keep_fresh_renews_them_off_the_loop() -> None:
+    credentials = RenewingCredentials()
+    signer = SigV4Signer("eu-west-1", "es", credentials)
+    url = "https://search.eu-west-1.es.amazonaws.com/_search"
+
+    async def scenario() -> str:
+        loop_thread = threading.current_thread().name
+        assert [signer("GET", url) for _ in range(50)]
+        assert len(credentials.reads) == 1, "read once, at start: never per request"
+        refresher = asyncio.create_task(keep_fresh(signer, interval_s=0.01))
+        try:
+            renewed = await asyncio.get_running_loop().run_in_executor(
+                None, credentials.renewed.wait, 5.0
+            )
+        finally:
+            refresher.cancel()
+        assert renewed
+        assert loop_thread not in credentials.reads[1:], "renewed on an executor thread"
+        return signer("GET", url)["Authorization"]
+
+    authorization = asyncio.run(scenario())
+    assert "Credential=AKID1/" not in authorization, "signed with the renewed credentials"

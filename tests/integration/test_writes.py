@@ -137,12 +137,15 @@ def test_bulk_through_the_sidecar_gets_every_document_its_vector(
     assert all(
         {k: v for k, v in documents[i].items() if k != "embedding"} == sent[i] for i in ids
     ), "the only change to a write is the added vector"
+    # The stored vectors are searchable. HNSW is approximate and these short texts embed close
+    # together (titles differ by a number), so the document is looked for among the first 20,
+    # not required first: k=1 missed it on 2.19.1 once in three runs.
     probe = ids[1234]
     found = opensearch.client.search(
         index=index,
-        body={"size": 1, "query": {"knn": {"embedding": {"vector": expected[1234], "k": 1}}}},
+        body={"size": 20, "query": {"knn": {"embedding": {"vector": expected[1234], "k": 20}}}},
     )["hits"]["hits"]
-    assert found[0]["_id"] == probe
+    assert probe in [hit["_id"] for hit in found]
 
 
 def test_single_writes_updates_and_mixed_bulks(

@@ -28,7 +28,7 @@ from sidecar.api.errors import ApiError
 from sidecar.logging import request_id_var
 from sidecar.metrics import Metrics
 from sidecar.retrieval.identity import UpstreamIdentity
-from sidecar.retrieval.opensearch import UpstreamError, error_body
+from sidecar.retrieval.opensearch import CONNECTIONS_PER_NODE, UpstreamError, error_body
 
 log = logging.getLogger(__name__)
 _turns = itertools.count()
@@ -101,7 +101,9 @@ def create_session(
         timeout=aiohttp.ClientTimeout(
             total=None, sock_connect=_SOCK_CONNECT_S, sock_read=timeout_s
         ),
-        connector=aiohttp.TCPConnector(limit=256, ssl=ssl_context if ssl_context else True),
+        connector=aiohttp.TCPConnector(
+            limit=CONNECTIONS_PER_NODE, ssl=ssl_context if ssl_context else True
+        ),
     )
 
 

@@ -24,6 +24,9 @@ from opensearchpy.exceptions import ConnectionError as TransportConnectionError
 from sidecar.metrics import Metrics
 from sidecar.retrieval.identity import UpstreamIdentity
 
+# Connections kept to each node, here and by the pass-through's session.
+CONNECTIONS_PER_NODE = 256
+
 
 class UpstreamError(Exception):
     """OpenSearch refused or failed a request; `status` and `body` are what the client should see.
@@ -100,12 +103,17 @@ class Upstream:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         # Every call here is a read: on a connection error (refused, reset) it is retried on the
-        # cluster's other nodes, each tried once; an answer, even an error, is never retried.
+        # cluster's other nodes, each tried once; an answer, even an error (opensearch-py retries
+        # 502, 503 and 504 and marks the node dead for them by default), is never retried.
+        # Connections per node: as many as the pass-through's (opensearch-py's default is 10, and
+        # `server` fusion holds two per search).
         self.client = AsyncOpenSearch(
             hosts=list(urls),
             timeout=timeout_s,
             max_retries=len(urls) - 1,
             retry_on_timeout=False,
+            retry_on_status=(),
+            maxsize=CONNECTIONS_PER_NODE,
             ssl_context=ssl_context,
             connection_class=_ChallengeKeepingConnection,
             http_auth=identity.signer if identity is not None else None,

@@ -6,6 +6,7 @@ indexes."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -13,27 +14,36 @@ from aiohttp import web
 from sidecar.api import proxy
 from sidecar.api.errors import ApiError
 from sidecar.api.responses import forward_upstream
+from sidecar.retrieval.profiles import IndexProfile
 from sidecar.services import SERVICES
 from sidecar.write_path import Fetch
 
+# (profile, index, body, caller identity headers) -> the body with its vectors, or None.
+Enrich = Callable[[IndexProfile, str, bytes, Mapping[str, str]], Awaitable[bytes | None]]
+
 
 async def write_document(request: web.Request) -> web.StreamResponse:
-    """`_doc`/`_create`: the document gets its vector if its index embeds on write; any other
-    index's write streams through unread."""
-    services = request.app[SERVICES]
-    index = request.match_info["index"]
-    caller = services.identity.for_caller(request.headers)
-    profile = await services.writes.target(index, caller)
-    if profile is None:
-        return await forward_upstream(request)
-    body = await _write_body(request)
-    enriched = await services.writes.document(profile, index, body, caller)
-    return await _forward_write(request, body, enriched)
+    """`_doc`/`_create`: the document gets its vector if its index embeds on write."""
+    return await _single_write(request, request.app[SERVICES].writes.document)
 
 
 async def write_update(request: web.Request) -> web.StreamResponse:
-    """`_update`: its `doc`/`upsert` get their vector if the index embeds on write; any other
-    index's update streams through unread."""
+    """`_update`: its `doc`/`upsert` get their vector if the index embeds on write."""
+    writes = request.app[SERVICES].writes
+
+    async def enrich(
+        profile: IndexProfile, index: str, body: bytes, caller: Mapping[str, str]
+    ) -> bytes | None:
+        doc_id, routing = request.match_info["id"], request.query.get("routing")
+        fetch = _stored_documents(request)
+        return await writes.update(profile, index, doc_id, routing, body, fetch, caller)
+
+    return await _single_write(request, enrich)
+
+
+async def _single_write(request: web.Request, enrich: Enrich) -> web.StreamResponse:
+    """A single-document write: read and given its vector (`enrich`) when its index embeds on
+    write; any other index's write streams through unread."""
     services = request.app[SERVICES]
     index = request.match_info["index"]
     caller = services.identity.for_caller(request.headers)
@@ -41,16 +51,7 @@ async def write_update(request: web.Request) -> web.StreamResponse:
     if profile is None:
         return await forward_upstream(request)
     body = await _write_body(request)
-    enriched = await services.writes.update(
-        profile,
-        index,
-        request.match_info["id"],
-        request.query.get("routing"),
-        body,
-        _stored_documents(request),
-        caller,
-    )
-    return await _forward_write(request, body, enriched)
+    return await _forward_write(request, body, await enrich(profile, index, body, caller))
 
 
 async def write_bulk(request: web.Request) -> web.StreamResponse:

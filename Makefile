@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_PORT ?= 9200
 DEMO_INDEX ?= demo-pydoc
 
-.PHONY: install prometheus-bin redis-bin docker-bin test lint format demo demo-down demo-clean clean
+.PHONY: install prometheus-bin redis-bin docker-bin bench-tools test lint format demo demo-down demo-clean clean
 
 install: $(STAMP)
 
@@ -60,6 +60,19 @@ docker-bin:
 	$(call debian-binary,DOCKERD_BIN,dockerd,docker.io,a Docker engine)
 	$(call debian-binary,DEBOOTSTRAP_BIN,debootstrap,debootstrap,debootstrap)
 	$(call debian-binary,DOCKER_COMPOSE_BIN,docker-compose,docker-compose,docker-compose)
+
+# `sidecar bench --pass-through` drives its load with wrk (Debian's `wrk`); `make test` never needs it.
+bench-tools:
+	@if command -v wrk >/dev/null 2>&1; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing wrk (Debian package wrk) for sidecar bench --pass-through"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends wrk >/dev/null; \
+	else \
+		echo "sidecar bench --pass-through needs wrk: apt-get install wrk" >&2; \
+		exit 1; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -53,6 +53,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from sidecar.local_opensearch.artifacts import DownloadError
     from sidecar.local_opensearch.java import JavaError
     from sidecar.local_opensearch.node import NodeError
+    from sidecar.pass_through_bench import PassThroughBenchError
     from sidecar.provenance import ProvenanceError
 
     return (
@@ -65,6 +66,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         IndexLayoutError,
         OpenSearchException,
         ProvenanceError,
+        PassThroughBenchError,
         EvalError,
         ValueError,
         FileNotFoundError,
@@ -189,8 +191,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--queries", type=Path, help="BEIR queries.jsonl or one query per line (load, model bench)"
     )
-    bench.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
-    bench.add_argument("--duration-s", type=float, default=20.0, help="per level")
+    bench.add_argument(
+        "--concurrency", help="comma-separated levels (default 1,4,16; --pass-through: 1,16)"
+    )
+    bench.add_argument(
+        "--duration-s", type=float, help="per level (default 20; --pass-through: 10 per cell)"
+    )
     bench.add_argument("--candidates", type=int, default=100)
     bench.add_argument("--k", type=int, default=10)
     bench.add_argument("--fusion", choices=["server", "rrf", "convex"], default="server")
@@ -234,6 +240,34 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bulk-chunk", type=int, default=500, help="documents per _bulk request")
     bench.add_argument(
         "--skip-load", action="store_true", help="no query load, only the other figures"
+    )
+    bench.add_argument(
+        "--pass-through",
+        action="store_true",
+        help="instead of the query load: requests the sidecar does not rerank, straight to "
+        "--opensearch and through --url side by side (GET /, a small _search on --index and a "
+        "_bulk; needs wrk: `make bench-tools`), and the sidecar's RSS with --sidecar-pid",
+    )
+    bench.add_argument(
+        "--search-term",
+        default="*",
+        help="pass-through: the _search's q= (default *: every document)",
+    )
+    bench.add_argument(
+        "--bulk-mb", type=float, default=10.0, help="pass-through: the _bulk's size (0: none)"
+    )
+    bench.add_argument(
+        "--bulk-repeats", type=int, default=6, help="pass-through: _bulk sends per level"
+    )
+    bench.add_argument("--bulk-concurrency", default="1,4", help="pass-through: the _bulk's levels")
+    bench.add_argument(
+        "--sidecar-pid",
+        type=int,
+        help="pass-through: the --url sidecar's process id on this machine; its RSS is read "
+        "while one --rss-bulk-mb _bulk streams through it (without it: not measured)",
+    )
+    bench.add_argument(
+        "--rss-bulk-mb", type=float, default=100.0, help="pass-through: that _bulk's size"
     )
     bench.add_argument("--out", type=Path, help="write the figures as JSON here")
     bench.set_defaults(handler=_bench)
@@ -661,16 +695,19 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from sidecar.embedding import BiEncoder
 
     results: dict[str, Any] = {}
-    if (not args.skip_load or args.model_bench) and args.queries is None:
+    load = not args.skip_load and not args.pass_through
+    if (load or args.model_bench) and args.queries is None:
         raise ValueError("the query load and --model-bench need --queries")
-    if not args.skip_load:
+    if args.pass_through:
+        results["pass_through"] = _pass_through_bench(args, settings)
+    if load:
         results["load"] = benchmark(
             url=args.sidecar_url or _local_sidecar(settings),
             opensearch_url=args.opensearch,
             index=args.index,
             queries=read_queries(args.queries),
-            concurrency_levels=[int(level) for level in args.concurrency.split(",")],
-            duration_s=args.duration_s,
+            concurrency_levels=_levels(args.concurrency or "1,4,16"),
+            duration_s=args.duration_s or 20.0,
             candidates=args.candidates,
             k=args.k,
             fusion=args.fusion,
@@ -721,6 +758,35 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.out:
         dump(results, args.out)
     return 0
+
+
+def _pass_through_bench(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from sidecar.pass_through_bench import MEGABYTE, pass_through_benchmark
+
+    if not args.opensearch:
+        raise ValueError("--pass-through needs --opensearch URL (the cluster behind the sidecar)")
+    return pass_through_benchmark(
+        opensearch_url=args.opensearch,
+        sidecar_url=args.sidecar_url or _local_sidecar(settings),
+        index=args.index,
+        search_term=args.search_term,
+        concurrency_levels=_levels(args.concurrency or "1,16"),
+        duration_s=args.duration_s or 10.0,
+        bulk_bytes=int(args.bulk_mb * MEGABYTE),
+        bulk_repeats=args.bulk_repeats,
+        bulk_concurrency_levels=_levels(args.bulk_concurrency),
+        rss_bulk_bytes=int(args.rss_bulk_mb * MEGABYTE),
+        sidecar_pid=args.sidecar_pid,
+        headers=_basic_auth(args.user, args.password_file),
+    )
+
+
+def _levels(value: str) -> list[int]:
+    """Comma-separated concurrency levels, each at least 1."""
+    levels = [int(level) for level in value.split(",")]
+    if any(level < 1 for level in levels):
+        raise ValueError(f"concurrency levels must be at least 1: {value}")
+    return levels
 
 
 def _soak(args: argparse.Namespace, settings: Settings) -> int:

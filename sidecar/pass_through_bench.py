@@ -119,7 +119,8 @@ class Row:
 class RssFigures:
     """The sidecar's resident memory (bytes, from /proc/PID/status VmRSS): idle before any load
     of this run, right before the large `_bulk`, its peak while the `_bulk` streams through, and
-    once it is answered; `status` and `seconds` are the `_bulk`'s answer and duration."""
+    once it is answered; `status`, `reason` (for an answer other than 200) and `seconds` are the
+    `_bulk`'s answer and duration."""
 
     pid: int
     bulk_bytes: int
@@ -128,6 +129,7 @@ class RssFigures:
     peak_bytes: int
     after_bytes: int
     status: int
+    reason: str | None
     seconds: float
 
     @property
@@ -328,8 +330,19 @@ def format_rss(rss: RssFigures | None) -> str:
         f"sidecar RSS: idle {rss.idle_bytes / mib:,.0f} MiB; {rss.before_bytes / mib:,.0f} MiB "
         f"before a {rss.bulk_bytes / MEGABYTE:,.0f} MB _bulk, peak {rss.peak_bytes / mib:,.0f} "
         f"MiB while it streamed ({rss.peak_ratio:.2f}x idle), {rss.after_bytes / mib:,.0f} MiB "
-        f"after; the _bulk got {rss.status} in {rss.seconds:.1f} s"
+        f"after; the _bulk got {rss.status}{f' ({rss.reason})' if rss.reason else ''} in "
+        f"{rss.seconds:.1f} s"
     )
+
+
+def describe_error(answer: bytes) -> str:
+    """An error answer in a few words: OpenSearch's `error.type: error.reason` (the reason cut
+    at 160 characters), else the answer's start."""
+    try:
+        error = json.loads(answer)["error"]
+        return f"{error['type']}: {str(error['reason'])[:160]}"
+    except (ValueError, KeyError, TypeError):
+        return answer[:160].decode(errors="replace")
 
 
 def _number(value: float | None) -> str:
@@ -487,7 +500,7 @@ async def _measure_rss(
                 data=body,
                 headers=send_headers,
             ) as response:
-                await response.read()
+                answer = await response.read()
                 status = response.status
         finally:
             seconds = time.perf_counter() - started
@@ -501,6 +514,7 @@ async def _measure_rss(
         peak_bytes=peak_bytes,
         after_bytes=after_bytes,
         status=status,
+        reason=None if status == 200 else describe_error(answer),
         seconds=round(seconds, 2),
     )
 

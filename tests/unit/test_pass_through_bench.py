@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from sidecar.pass_through_bench import (
     Row,
     RssFigures,
     build_bulk_body,
+    describe_error,
     format_rss,
     format_table,
     parse_wrk_report,
@@ -113,12 +115,17 @@ def test_rss_line_states_idle_peak_and_their_ratio() -> None:
         peak_bytes=1250 * mib,
         after_bytes=1100 * mib,
         status=200,
+        reason=None,
         seconds=12.34,
     )
     assert rss.peak_ratio == 1.25
     assert format_rss(rss) == (
         "sidecar RSS: idle 1,000 MiB; 1,010 MiB before a 100 MB _bulk, peak 1,250 MiB while it "
         "streamed (1.25x idle), 1,100 MiB after; the _bulk got 200 in 12.3 s"
+    )
+    rejected = dataclasses.replace(rss, status=429, reason="rejected_execution_exception: full")
+    assert format_rss(rejected).endswith(
+        "the _bulk got 429 (rejected_execution_exception: full) in 12.3 s"
     )
 
 
@@ -140,6 +147,18 @@ def test_bulk_body_is_ndjson_index_actions_of_distinct_documents() -> None:
     assert [source["n"] for source in sources] == list(range(len(sources)))
     assert all(source["title"] and source["text"] for source in sources)
     assert json.loads(build_bulk_body(2000).split(b"\n")[0]) == {"index": {}}
+
+
+def test_an_error_answer_is_described_by_its_type_and_reason() -> None:
+    answer = {
+        "error": {"type": "rejected_execution_exception", "reason": "x" * 300},
+        "status": 429,
+    }
+    assert describe_error(json.dumps(answer).encode()) == (
+        "rejected_execution_exception: " + "x" * 160
+    )
+    assert describe_error(b"<html>Bad Gateway</html>") == "<html>Bad Gateway</html>"
+    assert describe_error(b'{"error": "no such route"}') == '{"error": "no such route"}'
 
 
 def test_rss_is_read_from_the_vmrss_line_in_bytes() -> None:

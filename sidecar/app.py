@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from yarl import URL
 
 from sidecar import __version__
 from sidecar.api import proxy
@@ -36,6 +35,7 @@ from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import ProfileError
 from sidecar.retrieval.sigv4 import SigV4Signer, keep_fresh
 from sidecar.retrieval.tls import TlsError, client_context
+from sidecar.retrieval.transport import Transport
 from sidecar.services import SERVICES, Services
 from sidecar.write_path import WritePath
 
@@ -108,10 +108,15 @@ def create_app(
             reranker_backend.score, limits, model_executor, metrics.observe_batch
         )
         await batcher.start()
-        upstream = Upstream(
-            settings.opensearch_urls, settings.upstream_timeout_s, metrics, identity, tls
+        transport = Transport(
+            settings.opensearch_urls,
+            settings.upstream_timeout_s,
+            metrics,
+            ssl_context=tls,
+            signer=identity.signer,
+            probe_headers=identity.own(),
         )
-        session = proxy.create_session(settings.upstream_timeout_s, tls)
+        upstream = Upstream(transport, metrics, identity)
         refresher = (
             asyncio.create_task(keep_fresh(identity.signer))
             if isinstance(identity.signer, SigV4Signer)
@@ -156,8 +161,6 @@ def create_app(
                 ),
                 writes=WritePath(profiles, encoders, embed_executor, metrics),
                 upstream=upstream,
-                session=session,
-                upstream_urls=tuple(URL(url).with_user(None) for url in settings.opensearch_urls),
                 identity=identity,
                 forward_policy=proxy.ForwardPolicy(
                     max_body_bytes=settings.max_body_bytes,
@@ -205,8 +208,7 @@ def create_app(
             await batcher.stop()
             if shared_cache is not None:
                 await shared_cache.close()
-            await session.close()
-            await upstream.close()
+            await transport.close()
             for executor in (model_executor, prepare_executor, embed_executor):
                 executor.shutdown(wait=False, cancel_futures=True)
 

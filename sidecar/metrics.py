@@ -218,8 +218,8 @@ class Metrics:
         )
         self.upstream_failover = Counter(
             "sidecar_upstream_failover_total",
-            "Upstream requests sent to another node after one could not be reached, by path "
-            "(the first stage's client retries searches on connection errors itself)",
+            "Upstream requests sent to another node after one could not be connected to, by "
+            "kind (proxy, search, msearch, mapping, fetch)",
             ["kind"],
             registry=registry,
         )
@@ -236,8 +236,21 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "sidecar_upstream_requests",
-            "Requests to OpenSearch, by status code (or 'error').",
-            ["status"],
+            "Requests to OpenSearch, by status code (or 'error': no answer) and node (host:port).",
+            ["status", "node"],
+            registry=registry,
+        )
+        self.upstream_ejections = Counter(
+            "sidecar_upstream_ejections_total",
+            "Times a node was taken out of the rotation for failing to answer (no connection, "
+            "or silence until the read timeout), by node",
+            ["node"],
+            registry=registry,
+        )
+        self.upstream_node_ejected = Gauge(
+            "sidecar_upstream_node_ejected",
+            "1 while a node is out of the rotation, probed until it answers; by node",
+            ["node"],
             registry=registry,
         )
         self.upstream_duration = Histogram(

@@ -24,9 +24,10 @@ from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.first_stage import FirstStage, FirstStageQuery, Fusion, retrieve
 from sidecar.retrieval.fusion import Candidate
 from sidecar.retrieval.identity import fingerprint
-from sidecar.retrieval.opensearch import Upstream, UpstreamError
+from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import IndexProfile, check_filter, read_text
 from sidecar.retrieval.queries import Filter
+from sidecar.retrieval.transport import UpstreamError
 from sidecar.scoring import best_first, minmax_first_stage, rerank_order
 
 T = TypeVar("T")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from sidecar.api.proxy import ForwardPolicy
 from sidecar.config import Settings
@@ -23,12 +21,9 @@ class Services:
     settings: Settings
     pipeline: SearchPipeline
     writes: WritePath
-    # First-stage client (opensearch-py, JSON in and out).
+    # The sidecar's calls to the cluster (searches, mapping reads), over `upstream.transport`:
+    # the one connection to the cluster that the pass-through and the write path share.
     upstream: Upstream
-    # Pass-through client (raw bytes) and its target, without credentials: clients bring their own.
-    session: aiohttp.ClientSession
-    # The cluster's nodes, for the pass-through and the reads made for writes.
-    upstream_urls: tuple[URL, ...]
     # Whose identity each upstream call carries.
     identity: UpstreamIdentity
     # Body limits, timeouts and forwarding headers of the pass-through.

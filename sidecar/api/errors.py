@@ -10,8 +10,8 @@ from aiohttp import web
 
 from sidecar.pipeline import DeadlineExceeded, RerankUnavailable
 from sidecar.rerank.batcher import Overloaded
-from sidecar.retrieval.opensearch import UpstreamError, error_body
 from sidecar.retrieval.profiles import ProfileError
+from sidecar.retrieval.transport import UpstreamError, error_body
 from sidecar.write_path import EmbeddingFailed
 
 log = logging.getLogger(__name__)

@@ -8,13 +8,8 @@ default `forward` mode); the caller's address is added to X-Forwarded-For and Fo
 from __future__ import annotations
 
 import asyncio
-import io
-import itertools
-import json
 import logging
-import ssl
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,16 +17,13 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from sidecar.api.errors import ApiError
 from sidecar.logging import request_id_var
-from sidecar.metrics import Metrics
 from sidecar.retrieval.identity import UpstreamIdentity
-from sidecar.retrieval.opensearch import CONNECTIONS_PER_NODE, UpstreamError, error_body
+from sidecar.retrieval.transport import Transport
 
 log = logging.getLogger(__name__)
-_turns = itertools.count()
 
 _CHUNK_BYTES = 64 * 1024
 # RFC 9110 section 7.6.1 connection-specific headers, plus Host (set for the upstream by the client).
@@ -50,13 +42,6 @@ _HOP_BY_HOP = frozenset(
     }
 )
 
-# aiohttp adds these when the client did not send them; a proxy must not (an added
-# Accept-Encoding would get the client a gzip body it never asked for).
-_NEVER_ADDED = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
-
-# Nothing reached the node: the request may go to the next one, writes too.
-_NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-
 # Parameters with which a request asks the cluster to wait (cluster health's `wait_for_*` and
 # `timeout`, `_tasks?wait_for_completion`, master elections), in OpenSearch's time units.
 _WAIT_PARAMETERS = ("timeout", "master_timeout", "cluster_manager_timeout")
@@ -71,7 +56,6 @@ _TIME_UNITS_S = {
 }
 # What the cluster may take beyond the wait it was asked for, to answer it.
 _WAIT_MARGIN_S = 10.0
-_SOCK_CONNECT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,23 +72,6 @@ class ForwardPolicy:
     # Keep the X-Forwarded-For and Forwarded a client sent (behind a proxy that sets them);
     # else they are replaced by the client's own address.
     trust_forwarded: bool = False
-
-
-def create_session(
-    timeout_s: float, ssl_context: ssl.SSLContext | None = None
-) -> aiohttp.ClientSession:
-    """The one upstream session: no automatic decompression (bodies pass byte-for-byte), a bounded
-    wait for each read (the pass-through sets its own per request), no total timeout (large
-    scrolls and bulk responses stream for long), and the cluster's TLS context."""
-    return aiohttp.ClientSession(
-        auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=_SOCK_CONNECT_S, sock_read=timeout_s
-        ),
-        connector=aiohttp.TCPConnector(
-            limit=CONNECTIONS_PER_NODE, ssl=ssl_context if ssl_context else True
-        ),
-    )
 
 
 async def read_body(request: web.Request, max_body_bytes: int, idle_timeout_s: float) -> bytes:
@@ -144,23 +111,20 @@ async def _next_chunk(request: web.Request, limit: int, idle_timeout_s: float) -
 
 async def forward(
     request: web.Request,
-    session: aiohttp.ClientSession,
-    upstreams: Sequence[URL],
+    transport: Transport,
     identity: UpstreamIdentity,
     policy: ForwardPolicy,
-    metrics: Metrics,
     body: bytes | None = None,
     added_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
-    """Send `request` to one of the cluster's nodes (`upstreams`, taken in turn) and stream the
-    answer back. `body`: already read by the caller; `added_headers`: the sidecar's own, added
-    to the answer.
+    """Send `request` to the cluster and stream the answer back. `body`: already read by the
+    caller; `added_headers`: the sidecar's own, added to the answer.
 
     A body is streamed through unread, whatever its size (with its length, or chunked), except
     a signed one (the signature covers its hash) and a compressed one (aiohttp inflates what it
     reads, so it goes on inflated, without its Content-Encoding): those are read first, up to
-    `policy.max_body_bytes`. A node that cannot be connected to is skipped for the next (nothing
-    was sent, so writes too); a request that has reached a node is never sent to another.
+    `policy.max_body_bytes`. Which node, and what happens when one cannot be reached, is the
+    transport's.
     """
     if (
         body is None
@@ -173,71 +137,33 @@ async def forward(
         # Every body read here or by a caller came through aiohttp, which inflated it.
         headers.popall("Content-Encoding", None)
         headers["Content-Length"] = str(len(body))
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=_SOCK_CONNECT_S,
-        sock_read=read_timeout_s(request.query, policy.idle_timeout_s),
-    )
-    nodes = in_turn(upstreams)
-    for attempt, upstream in enumerate(nodes, start=1):
-        target = URL(str(upstream).rstrip("/") + request.raw_path, encoded=True)
-        sent = headers.copy()
-        if identity.signer is not None:
-            sent.update(identity.signer(request.method, str(target), body, headers))
-        # A file-like payload: aiohttp writes large bytes in one blocking call otherwise.
-        payload = (
-            io.BytesIO(body)
-            if body is not None
-            else (request.content if request.can_read_body else None)
-        )
-        response: web.StreamResponse | None = None
-        started = time.perf_counter()
-        status = "error"
+    async with transport.request(
+        request.method,
+        request.raw_path,
+        kind="proxy",
+        headers=headers,
+        body=body if body is not None else (request.content if request.can_read_body else None),
+        read_timeout_s=read_timeout_s(request.query, policy.idle_timeout_s),
+    ) as answer:
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        response.headers.extend(_end_to_end(answer.headers))
+        response.headers.update(added_headers or {})
+        if (request_id := request_id_var.get()) is not None:
+            response.headers["X-Request-Id"] = request_id
+        if answer.content_length is not None:
+            response.content_length = answer.content_length
+        await response.prepare(request)
         try:
-            async with session.request(
-                request.method,
-                target,
-                headers=sent,
-                data=payload,
-                allow_redirects=False,
-                skip_auto_headers=_NEVER_ADDED,
-                timeout=timeout,
-            ) as answer:
-                status = str(answer.status)
-                response = web.StreamResponse(status=answer.status, reason=answer.reason)
-                response.headers.extend(_end_to_end(answer.headers))
-                response.headers.update(added_headers or {})
-                if (request_id := request_id_var.get()) is not None:
-                    response.headers["X-Request-Id"] = request_id
-                if answer.content_length is not None:
-                    response.content_length = answer.content_length
-                await response.prepare(request)
-                async for chunk in answer.content.iter_chunked(_CHUNK_BYTES):
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except aiohttp.ClientConnectorCertificateError as error:
-            log.warning("upstream TLS handshake failed: %s", error)
-            raise tls_refused() from error
-        except _NOT_CONNECTED as error:
-            log.warning("cannot connect to OpenSearch node %s: %s", upstream, error)
-            if attempt < len(nodes):
-                metrics.upstream_failover.labels("proxy").inc()
-                continue
-            raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+            async for chunk in answer.content.iter_chunked(_CHUNK_BYTES):
+                await response.write(chunk)
+            await response.write_eof()
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as error:
             # ClientPayloadError: the cluster closed or reset the connection inside the body.
-            log.warning("upstream request failed: %s", error)
-            if response is not None and response.prepared:
-                # The status line is gone already; cutting the body short is all that is left.
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            raise _upstream_failed(error) from error
-        finally:
-            metrics.upstream_requests.labels(status).inc()
-            metrics.upstream_duration.labels("proxy").observe(time.perf_counter() - started)
-    raise ApiError(502, "upstream_unreachable", "no OpenSearch node is configured")
+            # The status line is gone already; cutting the body short is all that is left.
+            log.warning("upstream answer broke off: %s", error)
+            if request.transport is not None:
+                request.transport.close()
+    return response
 
 
 def read_timeout_s(query: Mapping[str, str], idle_timeout_s: float) -> float | None:
@@ -283,97 +209,19 @@ def _forwarded(
     return headers
 
 
-def in_turn(upstreams: Sequence[URL]) -> list[URL]:
-    """The nodes starting from the next one in turn, so that requests spread over them."""
-    start = next(_turns) % len(upstreams) if upstreams else 0
-    return [*upstreams[start:], *upstreams[:start]]
-
-
 async def fetch_json(
     request: web.Request,
-    session: aiohttp.ClientSession,
-    upstreams: Sequence[URL],
+    transport: Transport,
     identity: UpstreamIdentity,
-    metrics: Metrics,
     method: str,
     path: str,
     body: Any,
-) -> dict[str, Any]:
-    """A JSON read made upstream on the caller's behalf, with the caller's identity: what it
-    returns is what the caller may see. A node that cannot be connected to is skipped for the
-    next. Raises ApiError 502 when no node answers, UpstreamError when the cluster refuses."""
+) -> Any:
+    """A JSON read made upstream on the caller's behalf, with the caller's headers and identity:
+    what it returns is what the caller may see. Raises UpstreamError when no node answers or the
+    cluster refuses."""
     headers = identity.pass_through(_end_to_end(request.headers))
-    for name in ("Content-Length", "Content-Encoding", "Content-Type", "Accept-Encoding"):
-        headers.popall(name, None)
-    headers["Content-Type"] = "application/json"
-    # The session does not inflate answers (pass-through bodies stay byte-for-byte): ask for none.
-    headers["Accept-Encoding"] = "identity"
-    sent = json.dumps(body).encode()
-    nodes = in_turn(upstreams)
-    for attempt, upstream in enumerate(nodes, start=1):
-        target = URL(str(upstream).rstrip("/") + path)
-        signed = headers.copy()
-        if identity.signer is not None:
-            signed.update(identity.signer(method, str(target), sent, headers))
-        started = time.perf_counter()
-        status = "error"
-        try:
-            async with session.request(
-                method, target, headers=signed, data=sent, allow_redirects=False
-            ) as answer:
-                status = str(answer.status)
-                payload = await answer.read()
-                return _json_answer(answer, payload)
-        except _NOT_CONNECTED as error:
-            if attempt < len(nodes):
-                metrics.upstream_failover.labels("fetch").inc()
-                continue
-            raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
-        except (aiohttp.ClientConnectionError, TimeoutError) as error:
-            raise _upstream_failed(error) from error
-        finally:
-            metrics.upstream_requests.labels(status).inc()
-            metrics.upstream_duration.labels("fetch").observe(time.perf_counter() - started)
-    raise ApiError(502, "upstream_unreachable", "no OpenSearch node is configured")
-
-
-def _json_answer(answer: aiohttp.ClientResponse, payload: bytes) -> dict[str, Any]:
-    """The cluster's JSON answer, or its refusal as an UpstreamError (challenge included)."""
-    challenge = answer.headers.get("WWW-Authenticate")
-    relayed = {"WWW-Authenticate": challenge} if challenge else {}
-    try:
-        decoded: dict[str, Any] = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        if answer.status < 400:
-            raise ApiError(502, "upstream_error", "OpenSearch answered with no JSON") from None
-        text = payload.decode(errors="replace")
-        raise UpstreamError(
-            answer.status,
-            error_body(answer.status, "upstream_error", text),
-            headers=relayed,
-            text=text,
-        ) from None
-    if answer.status >= 400:
-        raise UpstreamError(answer.status, decoded, headers=relayed)
-    return decoded
-
-
-def _upstream_failed(error: Exception) -> ApiError:
-    """A request sent that got no (whole) answer: 504 when the node went quiet for longer than
-    SIDECAR_UPSTREAM_TIMEOUT_S, 502 when the connection broke."""
-    if isinstance(error, TimeoutError):
-        return ApiError(504, "timeout_exception", "OpenSearch did not answer in time")
-    return ApiError(502, "upstream_unreachable", "OpenSearch is unreachable")
-
-
-def tls_refused() -> ApiError:
-    """The answer when OpenSearch's certificate is not trusted (a configuration problem)."""
-    return ApiError(
-        502,
-        "upstream_tls_error",
-        "OpenSearch's TLS certificate could not be verified; set SIDECAR_UPSTREAM_CA_CERTS to the "
-        "cluster's CA bundle",
-    )
+    return await transport.json(method, path, kind="fetch", headers=headers, body=body)
 
 
 def _end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

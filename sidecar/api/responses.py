@@ -1,5 +1,5 @@
 """How handlers answer: JSON bodies (scores kept finite), the rerank report, and forwarding a
-request to OpenSearch through the pass-through session."""
+request to OpenSearch."""
 
 from __future__ import annotations
 
@@ -23,15 +23,13 @@ ROUTE_LABEL = web.RequestKey("route_label", str)
 async def forward_upstream(
     request: web.Request, body: bytes | None = None, added_headers: Mapping[str, str] | None = None
 ) -> web.StreamResponse:
-    """`request` to OpenSearch through the pass-through session (see proxy.forward)."""
+    """`request` to OpenSearch as it came, or with `body` (see proxy.forward)."""
     services = request.app[SERVICES]
     return await proxy.forward(
         request,
-        services.session,
-        services.upstream_urls,
+        services.upstream.transport,
         services.identity,
         services.forward_policy,
-        services.pipeline.metrics,
         body,
         added_headers,
     )

@@ -88,10 +88,8 @@ def _stored_documents(request: web.Request) -> Fetch:
     async def fetch(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         answer = await proxy.fetch_json(
             request,
-            services.session,
-            services.upstream_urls,
+            services.upstream.transport,
             services.identity,
-            services.pipeline.metrics,
             "POST",
             "/_mget",
             {"docs": docs},

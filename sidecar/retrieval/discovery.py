@@ -15,7 +15,7 @@ from cachetools import TTLCache
 
 from sidecar.config import ProfileConfig
 from sidecar.retrieval.identity import fingerprint
-from sidecar.retrieval.opensearch import Upstream, UpstreamError
+from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import (
     IndexProfile,
     MappingInfo,
@@ -23,6 +23,7 @@ from sidecar.retrieval.profiles import (
     build_profile,
     match_profile,
 )
+from sidecar.retrieval.transport import UpstreamError
 
 log = logging.getLogger(__name__)
 

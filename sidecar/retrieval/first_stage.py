@@ -26,7 +26,7 @@ from sidecar.retrieval.fusion import (
     fuse_convex,
     fuse_rrf,
 )
-from sidecar.retrieval.opensearch import Upstream, UpstreamError, error_body
+from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import IndexProfile
 from sidecar.retrieval.queries import (
     Filter,
@@ -35,6 +35,7 @@ from sidecar.retrieval.queries import (
     build_vector_search,
     combine_filters,
 )
+from sidecar.retrieval.transport import UpstreamError, error_body
 
 Fusion = Literal["server", "rrf", "convex"]
 FUSIONS: tuple[Fusion, ...] = ("server", "rrf", "convex")

@@ -33,13 +33,27 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 def sidecar(
     opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path
 ) -> Iterator[RunningSidecar]:
-    """The default body limit (the harness's own is small) and short read timeouts of its own
-    (the pass-through's idle limit and the sidecar's own calls', which used to cut long polls)."""
+    """The default body limit and idle limit (the harness's own body limit is small)."""
     with running_sidecar(
         opensearch.url,
         tiny_cross_encoder,
         encoder,
         max_body_bytes=DEFAULTS["max_body_bytes"],
+        pass_through_idle_timeout_s=DEFAULTS["pass_through_idle_timeout_s"],
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def impatient_sidecar(
+    opensearch: Cluster, encoder: BiEncoder, tiny_cross_encoder: Path
+) -> Iterator[RunningSidecar]:
+    """Short read timeouts of its own (the pass-through's idle limit and the sidecar's own
+    calls', which used to cut long polls)."""
+    with running_sidecar(
+        opensearch.url,
+        tiny_cross_encoder,
+        encoder,
         pass_through_idle_timeout_s=IDLE_TIMEOUT_S,
         upstream_timeout_s=IDLE_TIMEOUT_S,
     ) as server:
@@ -97,13 +111,13 @@ def test_a_twelve_mib_bulk_the_cluster_accepts_goes_through_the_sidecar(
 
 
 def test_a_long_poll_gets_the_clusters_own_answer_not_the_sidecars_timeout(
-    sidecar: RunningSidecar, opensearch: Cluster
+    impatient_sidecar: RunningSidecar, opensearch: Cluster
 ) -> None:
     """Waiting for nodes that never come: the cluster answers 408 when the request's own
     `timeout` runs out, which is longer than the sidecar's idle limit."""
     path = "/_cluster/health?wait_for_nodes=5&timeout=5s"
     direct = send(f"{opensearch.url}{path}")
-    through = send(f"{sidecar.url}{path}")
+    through = send(f"{impatient_sidecar.url}{path}")
     assert direct[0] == through[0] == 408, through[1]
     assert through[1]["timed_out"] is True
     assert through[1]["cluster_name"] == direct[1]["cluster_name"]

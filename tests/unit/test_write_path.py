@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.embedding import EncoderPool
 from sidecar.metrics import Metrics
 from sidecar.retrieval.discovery import ProfileResolver
-from sidecar.retrieval.opensearch import UpstreamError, error_body
+from sidecar.retrieval.transport import UpstreamError, error_body
 from sidecar.write_path import EmbeddingFailed, WritePath, _with_vector
 
 SIDECAR_MAPPING = {

@@ -21,10 +21,11 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from sidecar.api.errors import ApiError, error_response
-from sidecar.api.proxy import ForwardPolicy, create_session, forward, read_body, read_timeout_s
+from sidecar.api.proxy import ForwardPolicy, forward, read_body, read_timeout_s
 from sidecar.logging import request_id_var
 from sidecar.metrics import Metrics
 from sidecar.retrieval.identity import UpstreamIdentity
+from sidecar.retrieval.transport import Transport
 
 METRICS = Metrics(CollectorRegistry())
 FORWARD = UpstreamIdentity.build("forward", ["authorization"])
@@ -87,8 +88,7 @@ class FakeUpstream:
 
 
 def front_app(
-    session: aiohttp.ClientSession,
-    upstream_url: URL,
+    transport: Transport,
     policy: ForwardPolicy,
     request_id: str | None = None,
     settle_body: bool = False,
@@ -101,7 +101,7 @@ def front_app(
         if request_id is not None:
             request_id_var.set(request_id)
         try:
-            return await forward(request, session, [upstream_url], identity, policy, METRICS)
+            return await forward(request, transport, identity, policy)
         except Exception as error:  # as the app's edge middleware does
             return error_response(error)
 
@@ -131,11 +131,11 @@ async def proxied(
     trust_forwarded: bool = False,
 ) -> AsyncIterator[Proxy]:
     async with TestServer(upstream.app(), host="127.0.0.1") as upstream_server:
-        session = create_session(timeout_s=HANG_GUARD_S)
+        target = upstream_url or upstream_server.make_url("/")
+        transport = Transport([str(target)], HANG_GUARD_S, METRICS)
         policy = ForwardPolicy(max_body_bytes, HANG_GUARD_S, HANG_GUARD_S, trust_forwarded)
         try:
-            target = upstream_url or upstream_server.make_url("/")
-            app = front_app(session, target, policy, request_id, settle_body, identity)
+            app = front_app(transport, policy, request_id, settle_body, identity)
             async with (
                 TestServer(app, host="127.0.0.1") as front,
                 aiohttp.ClientSession(auto_decompress=False) as client,
@@ -143,7 +143,7 @@ async def proxied(
                 base = str(front.make_url("")).rstrip("/")
                 yield Proxy(client, base, f"{upstream_server.host}:{upstream_server.port}")
         finally:
-            await session.close()
+            await transport.close()
 
 
 def closed_port() -> int:
@@ -628,9 +628,9 @@ def test_a_slow_answer_within_the_wait_the_request_asked_for_is_relayed() -> Non
         app = web.Application()
         app.router.add_get("/_cluster/health", slow)
         async with TestServer(app, host="127.0.0.1") as cluster:
-            session = create_session(timeout_s=HANG_GUARD_S)
+            transport = Transport([str(cluster.make_url("/"))], HANG_GUARD_S, METRICS)
             policy = ForwardPolicy(MAX_BODY_BYTES, HANG_GUARD_S, idle_timeout_s=0.2)
-            front = front_app(session, cluster.make_url("/"), policy)
+            front = front_app(transport, policy)
             try:
                 async with (
                     TestServer(front, host="127.0.0.1") as server,
@@ -642,7 +642,7 @@ def test_a_slow_answer_within_the_wait_the_request_asked_for_is_relayed() -> Non
                     async with client.get(url) as answer:
                         assert answer.status == 504, "no wait asked: the idle limit applies"
             finally:
-                await session.close()
+                await transport.close()
 
     run(scenario)
 

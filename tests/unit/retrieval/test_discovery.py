@@ -10,8 +10,8 @@ import pytest
 
 from sidecar.config import parse_profiles
 from sidecar.retrieval.discovery import ProfileResolver
-from sidecar.retrieval.opensearch import UpstreamError, error_body
 from sidecar.retrieval.profiles import ProfileError
+from sidecar.retrieval.transport import UpstreamError, error_body
 
 MAPPING = {
     "mappings": {

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from sidecar.retrieval.first_stage import FirstStageQuery, retrieve
-from sidecar.retrieval.opensearch import Upstream, UpstreamError, error_body
+from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import discover_profile
+from sidecar.retrieval.transport import UpstreamError, error_body
 
 PROFILE = discover_profile(
     "idx",

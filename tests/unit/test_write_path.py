@@ -96,11 +96,11 @@ def vector_of(text: str) -> list[float]:
 def test_the_vector_is_inserted_into_the_text_as_sent() -> None:
     raw = '{ "title" : "A",\n "ratio": 1.50, "u": "\\u00e9" }'
     out = _with_vector_for(raw, ())
-    assert out == raw[: raw.rindex("}")] + ',"embedding":[1.0, 2.0]}'
-    assert _with_vector_for("{}", ()) == '{"embedding":[1.0, 2.0]}'
+    assert out == raw[: raw.rindex("}")] + ',"embedding":[1.0,2.0]}'
+    assert _with_vector_for("{}", ()) == '{"embedding":[1.0,2.0]}'
     update = '{"doc": {"title": "x"}, "doc_as_upsert": true}'
     assert _with_vector_for(update, ("doc",)) == (
-        '{"doc": {"title": "x","embedding":[1.0, 2.0]}, "doc_as_upsert": true}'
+        '{"doc": {"title": "x","embedding":[1.0,2.0]}, "doc_as_upsert": true}'
     )
 
 

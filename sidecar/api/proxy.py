@@ -145,11 +145,10 @@ async def forward(
         body=body if body is not None else (request.content if request.can_read_body else None),
         read_timeout_s=read_timeout_s(request.query, policy.idle_timeout_s),
     ) as answer:
+        if _small(request, answer):
+            return await _whole(request, answer, added_headers)
         response = web.StreamResponse(status=answer.status, reason=answer.reason)
-        response.headers.extend(_end_to_end(answer.headers))
-        response.headers.update(added_headers or {})
-        if (request_id := request_id_var.get()) is not None:
-            response.headers["X-Request-Id"] = request_id
+        _relay_headers(response, answer, added_headers)
         if answer.content_length is not None:
             response.content_length = answer.content_length
         await response.prepare(request)
@@ -164,6 +163,46 @@ async def forward(
             if request.transport is not None:
                 request.transport.close()
     return response
+
+
+def _small(request: web.Request, answer: aiohttp.ClientResponse) -> bool:
+    """An answer of one chunk at most, with its length: relayed whole, its status line, headers
+    and body in one write (a stream writes each apart, three system calls where one will do).
+    HEAD and bodiless statuses keep the stream's path, which relays their Content-Length as is."""
+    return (
+        answer.content_length is not None
+        and answer.content_length <= _CHUNK_BYTES
+        and request.method != "HEAD"
+        and answer.status not in (204, 304)
+        and answer.status >= 200
+    )
+
+
+async def _whole(
+    request: web.Request,
+    answer: aiohttp.ClientResponse,
+    added_headers: Mapping[str, str] | None,
+) -> web.StreamResponse:
+    try:
+        body = await answer.read()
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as error:
+        log.warning("upstream answer broke off: %s", error)
+        raise ApiError(502, "upstream_unreachable", "OpenSearch is unreachable") from error
+    response = web.Response(status=answer.status, reason=answer.reason, body=body)
+    _relay_headers(response, answer, added_headers)
+    return response
+
+
+def _relay_headers(
+    response: web.StreamResponse,
+    answer: aiohttp.ClientResponse,
+    added_headers: Mapping[str, str] | None,
+) -> None:
+    """The cluster's end-to-end headers, the sidecar's own, and the request id."""
+    response.headers.extend(_end_to_end(answer.headers))
+    response.headers.update(added_headers or {})
+    if (request_id := request_id_var.get()) is not None:
+        response.headers["X-Request-Id"] = request_id
 
 
 def read_timeout_s(query: Mapping[str, str], idle_timeout_s: float) -> float | None:

@@ -9,6 +9,7 @@ import logging
 import re
 import signal
 import ssl
+from collections.abc import Coroutine
 from typing import Any, TypedDict
 
 from aiohttp import web
@@ -143,7 +144,19 @@ def serve(app: web.Application, settings: Settings) -> None:
 
     Raises SettingsError for unusable listener TLS files, before any model is loaded."""
     tls = listener_tls(settings)
-    asyncio.run(_serve_until_signal(app, settings, tls))
+    _run(_serve_until_signal(app, settings, tls))
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """On uvloop where it is installed (not on Windows): the same asyncio API on libuv, about a
+    tenth less CPU per proxied request than the standard loop (measured, `GET /` through a bare
+    aiohttp proxy: 106 vs 116 us)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 async def _serve_until_signal(

@@ -1,9 +1,10 @@
 """Stage 1: BM25 and k-NN candidates from OpenSearch, fused, each with exact provenance.
 
 `rrf` and `convex` run both subqueries in one `_msearch` and fuse here (formulas in fusion.py).
-`server` lets OpenSearch fuse through a hybrid query and, concurrently, runs the two subqueries
-alone in one `_msearch` so every candidate's per-retriever rank and raw score are known exactly
-(OpenSearch's hybrid response only has the fused score). A lexical-only profile runs BM25 alone.
+`server` lets OpenSearch fuse through a hybrid query sent in the same `_msearch` as the two
+subqueries alone, so every candidate's per-retriever rank and raw score are known exactly
+(OpenSearch's hybrid response only has the fused score) in one round trip. A lexical-only profile
+runs BM25 alone.
 
 Two failures of `server` fusion are the cluster's, not the caller's: a cluster without the
 neural-search plugin (no `hybrid` query) is a 400 that says so; a caller whose role has
@@ -14,7 +15,6 @@ instead, flagged in `FirstStage.fusion_fallback`.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -85,6 +85,7 @@ async def retrieve(upstream: Upstream, query: FirstStageQuery) -> FirstStage:
         lexical_search,
         build_vector_search(profile, query.text, query.vector, query.candidates, filter_clause),
     ]
+    fusion_fallback: str | None = None
     if query.fusion == "server":
         hybrid = build_hybrid_search(
             profile,
@@ -94,33 +95,32 @@ async def retrieve(upstream: Upstream, query: FirstStageQuery) -> FirstStage:
             filter_clause,
             query.weights or (0.5, 0.5),
         )
-        fused, separate = await asyncio.gather(
-            upstream.search(query.index, hybrid, headers=query.headers),
-            upstream.msearch(query.index, subqueries, headers=query.headers),
-            return_exceptions=True,
-        )
-        if isinstance(separate, BaseException):
-            raise separate
-        lexical_hits, vector_hits = _hits(separate[0]), _hits(separate[1])
-        if not isinstance(fused, BaseException):
+        # The hybrid item last: `msearch` raises the first failed item's error, and a subquery's
+        # failure is the caller's answer whatever became of the hybrid query.
+        try:
+            lexical, vector, fused = await upstream.msearch(
+                query.index, [*subqueries, hybrid], headers=query.headers
+            )
+        except UpstreamError as error:
+            _raise_unless_dls_hybrid_bug(error)
+            # The subqueries' answers went with the failed call: they are asked again, alone (a
+            # second round trip only for a DLS role on a release with the bug).
+            fusion_fallback = "dls_hybrid"
+        else:
+            lexical_hits, vector_hits = _hits(lexical), _hits(vector)
             return FirstStage(
                 attach_provenance(_hits(fused), lexical_hits, vector_hits),
                 lexical_hits,
                 vector_hits,
             )
-        if not isinstance(fused, UpstreamError):
-            raise fused
-        _raise_unless_dls_hybrid_bug(fused)
-        return FirstStage(
-            _fuse(query, lexical_hits, vector_hits, "convex"),
-            lexical_hits,
-            vector_hits,
-            fusion_fallback="dls_hybrid",
-        )
     lexical, vector = await upstream.msearch(query.index, subqueries, headers=query.headers)
     lexical_hits, vector_hits = _hits(lexical), _hits(vector)
+    fusion: Fusion = "convex" if query.fusion == "server" else query.fusion
     return FirstStage(
-        _fuse(query, lexical_hits, vector_hits, query.fusion), lexical_hits, vector_hits
+        _fuse(query, lexical_hits, vector_hits, fusion),
+        lexical_hits,
+        vector_hits,
+        fusion_fallback=fusion_fallback,
     )
 
 

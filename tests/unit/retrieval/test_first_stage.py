@@ -1,6 +1,7 @@
-"""How the first stage treats a failed `server` (hybrid) fusion: the DLS bug falls back to the
-sidecar's own fusion, flagged; a cluster without neural-search is a clear 400; anything else is
-the cluster's own error. The upstream is a fake answering canned responses (pure logic)."""
+"""`server` (hybrid) fusion: the hybrid query and its two subqueries in one `_msearch`; on failure
+the DLS bug falls back to the sidecar's own fusion, flagged; a cluster without neural-search is a
+clear 400; anything else is the cluster's own error. The upstream is a fake answering canned
+responses (pure logic)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from sidecar.retrieval.first_stage import FirstStageQuery, retrieve
+from sidecar.retrieval.fusion import SourceRank
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.retrieval.profiles import discover_profile
 from sidecar.retrieval.transport import UpstreamError, error_body
@@ -48,22 +50,33 @@ VECTOR = hits(("b", 0.9), ("c", 0.8), ("a", 0.1))
 
 
 class FakeUpstream:
-    def __init__(self, hybrid_error: UpstreamError | None) -> None:
-        self.hybrid_error = hybrid_error
+    """`_msearch` as Upstream.msearch answers it: each body's canned hits by its query's kind,
+    the first failed item raised; every call's bodies recorded."""
 
-    async def search(self, index: str | None, body: Mapping[str, Any], **_: Any) -> dict[str, Any]:
-        if self.hybrid_error is not None:
-            raise self.hybrid_error
-        return hits(("b", 1.0), ("a", 0.5))
+    def __init__(self, failures: Mapping[str, UpstreamError]) -> None:
+        self.failures = failures
+        self.calls: list[list[str]] = []
 
     async def msearch(
         self, index: str, bodies: Sequence[Mapping[str, Any]], **_: Any
     ) -> list[dict[str, Any]]:
-        return [LEXICAL, VECTOR]
+        kinds = [next(iter(body["query"])) for body in bodies]
+        self.calls.append(kinds)
+        for kind in kinds:
+            if kind in self.failures:
+                raise self.failures[kind]
+        return [ANSWERS[kind] for kind in kinds]
+
+
+ANSWERS = {"multi_match": LEXICAL, "knn": VECTOR, "hybrid": hits(("b", 1.0), ("a", 0.5))}
 
 
 def first_stage(hybrid_error: UpstreamError | None) -> Any:
-    upstream: Upstream = FakeUpstream(hybrid_error)  # type: ignore[assignment]
+    return run(FakeUpstream({"hybrid": hybrid_error} if hybrid_error else {}))
+
+
+def run(fake: FakeUpstream) -> Any:
+    upstream: Upstream = fake  # type: ignore[assignment]
     return asyncio.run(retrieve(upstream, QUERY))
 
 
@@ -71,9 +84,16 @@ def refused(reason: str, error_type: str = "search_phase_execution_exception") -
     return UpstreamError(400, error_body(400, error_type, reason))
 
 
-def test_server_fusion_uses_the_clusters_fused_order() -> None:
-    stage = first_stage(None)
+def test_server_fusion_is_one_msearch_with_the_clusters_order_and_exact_provenance() -> None:
+    fake = FakeUpstream({})
+    stage = run(fake)
+    assert fake.calls == [["multi_match", "knn", "hybrid"]]
     assert [c.id for c in stage.candidates] == ["b", "a"]
+    # Each retriever's own rank and raw score, from the subqueries run alone.
+    assert [(c.lexical, c.vector) for c in stage.candidates] == [
+        (SourceRank(2, 2.0), SourceRank(1, 0.9)),
+        (SourceRank(1, 3.0), SourceRank(3, 0.1)),
+    ]
     assert stage.fusion_fallback is None
 
 
@@ -86,7 +106,9 @@ def test_server_fusion_uses_the_clusters_fused_order() -> None:
     ],
 )
 def test_the_dls_hybrid_bug_falls_back_to_client_fusion_flagged(reason: str) -> None:
-    stage = first_stage(refused(reason))
+    fake = FakeUpstream({"hybrid": refused(reason)})
+    stage = run(fake)
+    assert fake.calls == [["multi_match", "knn", "hybrid"], ["multi_match", "knn"]]
     assert stage.fusion_fallback == "dls_hybrid"
     # Equal-weight min-max convex fusion: b 0.75, a 0.5, c 0.44.
     assert [c.id for c in stage.candidates] == ["b", "a", "c"]
@@ -106,3 +128,11 @@ def test_other_hybrid_failures_are_the_clusters_answer() -> None:
     with pytest.raises(UpstreamError) as raised:
         first_stage(forbidden)
     assert raised.value is forbidden
+
+
+def test_a_failed_subquery_is_the_answer_whatever_the_hybrid_query_met() -> None:
+    overloaded = UpstreamError(429, error_body(429, "rejected_execution_exception", "queue full"))
+    dls_bug = refused("hybrid query must be a top level query")
+    with pytest.raises(UpstreamError) as raised:
+        run(FakeUpstream({"knn": overloaded, "hybrid": dls_bug}))
+    assert raised.value is overloaded

@@ -7,6 +7,7 @@ otherwise) are chosen for this workload and documented beside each histogram.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -295,9 +296,9 @@ class Metrics:
     ) -> None:
         """`candidate_sources`: each first-stage candidate's provenance. `final`: for each final
         top-k hit, (provenance, first-stage rank, normalized first-stage score, final rank)."""
-        for source in candidate_sources:
+        for source, count in collections.Counter(candidate_sources).items():
             if source in SOURCES:
-                self.candidates.labels(source).inc()
+                self.candidates.labels(source).inc(count)
         for source, first_rank, first_score, final_rank in final:
             if source not in SOURCES:
                 continue

@@ -250,7 +250,10 @@ class SearchPipeline:
         hits, report = await self.rerank(
             request.query,
             candidates,
-            [read_text(c.source, document_fields, profile.max_chars_per_field) for c in candidates],
+            # Only what the model reads; with reranking off nothing reads them.
+            [read_text(c.source, document_fields, profile.max_chars_per_field) for c in candidates]
+            if request.rerank
+            else [],
             request.k,
             request.rerank,
             request.truncation,
@@ -297,7 +300,7 @@ class SearchPipeline:
         caller: Mapping[str, str] | None = None,
     ) -> tuple[list[RankedHit], RerankReport]:
         """Stage 2 and normalization over first-stage `candidates` (best first), reading `texts`
-        (one per candidate); top `k` returned.
+        (one per candidate; read only when `enabled`); top `k` returned.
 
         Shared by the native API and the `_search` interception. Only the first `depth`
         candidates are reranked (None: all): deeper reranking costs in proportion and gains ever
@@ -311,10 +314,10 @@ class SearchPipeline:
             applied=False, model=backend.model_name, device=backend.device, dtype=backend.dtype
         )
         logits: list[float | None] | None = None
-        within_depth = len(candidates) if depth is None else min(depth, len(candidates))
-        readable = [i for i, text in enumerate(texts[:within_depth]) if text.strip()]
         if enabled and candidates:
             stage = time.perf_counter()
+            within_depth = len(candidates) if depth is None else min(depth, len(candidates))
+            readable = [i for i, text in enumerate(texts[:within_depth]) if text.strip()]
             documents = [RerankDocument(candidates[i].key, texts[i]) for i in readable]
             empty_text = sum(not text.strip() for text in texts)
             below_depth = sum(bool(text.strip()) for text in texts[within_depth:])

@@ -96,10 +96,12 @@ async def retrieve(upstream: Upstream, query: FirstStageQuery) -> FirstStage:
             query.weights or (0.5, 0.5),
         )
         # The hybrid item last: `msearch` raises the first failed item's error, and a subquery's
-        # failure is the caller's answer whatever became of the hybrid query.
+        # failure is the caller's answer whatever became of the hybrid query. The subqueries
+        # only say where each retriever ranked a hit: their documents are not fetched again.
+        ranks_only = [{**subquery, "_source": False} for subquery in subqueries]
         try:
             lexical, vector, fused = await upstream.msearch(
-                query.index, [*subqueries, hybrid], headers=query.headers
+                query.index, [*ranks_only, hybrid], headers=query.headers
             )
         except UpstreamError as error:
             _raise_unless_dls_hybrid_bug(error)

@@ -56,12 +56,14 @@ class FakeUpstream:
     def __init__(self, failures: Mapping[str, UpstreamError]) -> None:
         self.failures = failures
         self.calls: list[list[str]] = []
+        self.bodies: list[list[Mapping[str, Any]]] = []
 
     async def msearch(
         self, index: str, bodies: Sequence[Mapping[str, Any]], **_: Any
     ) -> list[dict[str, Any]]:
         kinds = [next(iter(body["query"])) for body in bodies]
         self.calls.append(kinds)
+        self.bodies.append(list(bodies))
         for kind in kinds:
             if kind in self.failures:
                 raise self.failures[kind]
@@ -95,6 +97,10 @@ def test_server_fusion_is_one_msearch_with_the_clusters_order_and_exact_provenan
         (SourceRank(1, 3.0), SourceRank(3, 0.1)),
     ]
     assert stage.fusion_fallback is None
+    # The subqueries only rank: the documents come once, with the hybrid query's hits.
+    sources = [body["_source"] for body in fake.bodies[0]]
+    assert sources[:2] == [False, False]
+    assert sources[2] is not False
 
 
 @pytest.mark.parametrize(

@@ -235,6 +235,34 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.remote_requests = Counter(
+            "sidecar_remote_rerank_requests_total",
+            "Calls to the remote rerank tier, by backend and outcome: ok, overloaded (429/503), "
+            "error (another status, or an answer of the wrong shape), unreachable, breaker_open "
+            "(refused without a call)",
+            ["backend", "outcome"],
+            registry=registry,
+        )
+        self.remote_duration = Histogram(
+            "sidecar_remote_rerank_duration_seconds",
+            "Round trips to the remote rerank tier, by backend",
+            ["backend"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.remote_batch_pairs = Histogram(
+            "sidecar_remote_rerank_batch_pairs",
+            "Pairs sent in one call to the remote rerank tier, by backend",
+            ["backend"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.remote_breaker = Gauge(
+            "sidecar_remote_rerank_breaker_state",
+            "The remote rerank tier's circuit breaker: 0 closed, 1 half-open, 2 open; by backend",
+            ["backend"],
+            registry=registry,
+        )
         self.upstream_requests = Counter(
             "sidecar_upstream_requests",
             "Requests to OpenSearch, by status code (or 'error': no answer) and node (host:port).",

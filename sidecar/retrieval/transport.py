@@ -143,7 +143,9 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         for node in self.nodes:
+            # Every node's series exists from the start, at zero: a rate over it has data.
             metrics.upstream_node_ejected.labels(node.label).set(0)
+            metrics.upstream_ejections.labels(node.label)
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -19,6 +19,7 @@ COUNTERS = (
     "fail_open",
     "rejected_requests",
     "upstream_requests",
+    "upstream_ejections",
 )
 HISTOGRAMS = (
     "request_duration_seconds",
@@ -36,6 +37,7 @@ GAUGES = (
     "build_info",
     "reranker_serving_info",
     "gpu_memory_bytes",
+    "upstream_node_ejected",
 )
 # Every series name the sidecar exports: counters as `_total`, histograms as their three series.
 EXPORTED_SERIES = frozenset(

@@ -171,6 +171,18 @@ def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sequence_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cross-encoder that model servers take (`BertForSequenceClassification`, one logit),
+    cutting pairs at model_servers.MAX_LENGTH tokens, as the sidecar tests do: the tests'
+    cross-encoders above are a sentence-transformers encoder and head, which they do not serve."""
+    from tests.integration.model_servers import MAX_LENGTH, build_sequence_classifier
+
+    return build_sequence_classifier(
+        tmp_path_factory.mktemp("models") / "reranker", max_length=MAX_LENGTH
+    )
+
+
+@pytest.fixture(scope="session")
 def pydoc_index(
     opensearch: Cluster, encoder: BiEncoder, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:

@@ -4,10 +4,7 @@ mapped back by index, long documents cut at the same length; too many documents 
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,17 +12,11 @@ from typing import Any
 import pytest
 
 from sidecar.rerank.backend import CrossEncoderBackend
-from tests.integration.infinity_server import (
-    InfinityServer,
-    build_sequence_classifier,
-    infinity_venv,
-    running_infinity,
-)
+from tests.integration.infinity_server import InfinityServer, infinity_venv, running_infinity
+from tests.integration.model_servers import MAX_LENGTH, call_json, install_uncaptured
 
 pytestmark = pytest.mark.integration
 
-# The sidecar tests' reranker_max_length: the server must cut pairs where the sidecar does.
-MAX_LENGTH = 128
 # Same weights, same torch, fp32 on both sides, only the batches differ: at most float rounding
 # (observed: logits within 1.5e-7, sigmoids within 7.4e-8; the logits span -1.5 to 2.3 and lie
 # at least 3.9e-4 apart).
@@ -63,25 +54,20 @@ DOCUMENTS = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sequence_classifier(
-        tmp_path_factory.mktemp("models") / "reranker", max_length=MAX_LENGTH
-    )
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path, pytestconfig: pytest.Config) -> Iterator[InfinityServer]:
-    # The first run installs the server's virtualenv: its progress is shown, not captured.
-    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        infinity_venv()
-    with running_infinity(model_dir, max_client_batch_size=MAX_CLIENT_BATCH_SIZE) as running:
+def server(sequence_classifier: Path, pytestconfig: pytest.Config) -> Iterator[InfinityServer]:
+    install_uncaptured(pytestconfig, infinity_venv)
+    with running_infinity(
+        sequence_classifier, max_client_batch_size=MAX_CLIENT_BATCH_SIZE
+    ) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def logits(model_dir: Path) -> dict[str, list[float]]:
+def logits(sequence_classifier: Path) -> dict[str, list[float]]:
     """The in-process runtime's raw logits, per query in DOCUMENTS' order."""
-    backend = CrossEncoderBackend(str(model_dir), device="cpu", dtype="float32", runtime="torch")
+    backend = CrossEncoderBackend(
+        str(sequence_classifier), device="cpu", dtype="float32", runtime="torch"
+    )
     assert backend.max_length == MAX_LENGTH
     scores = {}
     for query, documents in DOCUMENTS.items():
@@ -95,17 +81,7 @@ def logits(model_dir: Path) -> dict[str, list[float]]:
 
 def rerank(server: InfinityServer, body: dict[str, Any]) -> tuple[int, Any]:
     """POST /rerank; the status and the decoded answer, errors included."""
-    request = urllib.request.Request(
-        f"{server.url}/rerank",
-        data=json.dumps({"model": server.model, **body}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
+    return call_json(f"{server.url}/rerank", {"model": server.model, **body})
 
 
 def by_index(results: list[dict[str, Any]], count: int) -> list[float]:
@@ -118,9 +94,9 @@ def by_index(results: list[dict[str, Any]], count: int) -> list[float]:
 
 
 def test_the_server_answers_to_the_last_two_parts_of_the_model_path(
-    server: InfinityServer, model_dir: Path
+    server: InfinityServer, sequence_classifier: Path
 ) -> None:
-    assert server.model == f"{model_dir.parent.name}/{model_dir.name}"
+    assert server.model == f"{sequence_classifier.parent.name}/{sequence_classifier.name}"
 
 
 def test_raw_scores_are_the_in_process_logits_mapped_back_by_index(

@@ -5,9 +5,6 @@ torch runtime's on the same pairs, long documents cut at the same length, bad re
 from __future__ import annotations
 
 import itertools
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +18,10 @@ from tests.integration.kserve_server import (
     kserve_python,
     running_kserve,
 )
+from tests.integration.model_servers import MAX_LENGTH, call_json, install_uncaptured
 
 pytestmark = pytest.mark.integration
 
-# The sidecar tests' reranker_max_length: the server must cut pairs where the sidecar does.
-MAX_LENGTH = 128
 # Same weights, same torch, fp32 on both sides: at most float rounding differs (observed: none;
 # the pairs' logits span -0.37 to 0.33 and lie at least 2.7e-4 apart).
 TOLERANCE = 1e-5
@@ -47,9 +43,7 @@ PAIRS = [(query, document) for query in QUERIES for document in DOCUMENTS]
 
 @pytest.fixture(scope="module")
 def server(tiny_cross_encoder: Path, pytestconfig: pytest.Config) -> Iterator[KServeServer]:
-    # The first run installs the server's virtualenv: its progress is shown, not captured.
-    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        kserve_python()
+    install_uncaptured(pytestconfig, kserve_python)
     with running_kserve(tiny_cross_encoder, max_length=MAX_LENGTH) as running:
         yield running
 
@@ -63,21 +57,6 @@ def in_process(tiny_cross_encoder: Path) -> CrossEncoderBackend:
         runtime="torch",
         max_length=MAX_LENGTH,
     )
-
-
-def call(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """GET (no body) or POST JSON; the status and the decoded answer, errors included."""
-    request = urllib.request.Request(
-        url,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
 
 
 def infer_body(pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -94,7 +73,7 @@ def infer_body(pairs: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 def remote_scores(server: KServeServer, pairs: list[tuple[str, str]]) -> list[float]:
-    status, answer = call(f"{server.url}/v2/models/{server.model}/infer", infer_body(pairs))
+    status, answer = call_json(f"{server.url}/v2/models/{server.model}/infer", infer_body(pairs))
     assert status == 200, answer
     assert answer["model_name"] == server.model
     assert answer["id"] == "test"
@@ -114,19 +93,19 @@ def local_scores(backend: CrossEncoderBackend, pairs: list[tuple[str, str]]) -> 
 
 
 def test_health_readiness_and_metadata(server: KServeServer) -> None:
-    assert call(f"{server.url}/v2/health/ready") == (200, {"ready": True})
-    assert call(f"{server.url}/v2/models/{server.model}/ready") == (
+    assert call_json(f"{server.url}/v2/health/ready") == (200, {"ready": True})
+    assert call_json(f"{server.url}/v2/models/{server.model}/ready") == (
         200,
         {"name": server.model, "ready": True},
     )
-    status, metadata = call(f"{server.url}/v2/models/{server.model}")
+    status, metadata = call_json(f"{server.url}/v2/models/{server.model}")
     assert status == 200
     assert metadata["inputs"] == [
         {"name": "query", "datatype": "BYTES", "shape": [-1]},
         {"name": "document", "datatype": "BYTES", "shape": [-1]},
     ]
     assert metadata["outputs"] == [{"name": "score", "datatype": "FP32", "shape": [-1]}]
-    assert call(f"{server.url}/v2/models/absent/ready")[0] == 404
+    assert call_json(f"{server.url}/v2/models/absent/ready")[0] == 404
 
 
 def test_scores_equal_the_in_process_runtime(
@@ -171,7 +150,7 @@ def test_long_document_cut_at_max_length(
     ids=["no-document", "lengths-differ"],
 )
 def test_malformed_request_is_400(server: KServeServer, body: dict[str, Any], message: str) -> None:
-    status, answer = call(f"{server.url}/v2/models/{server.model}/infer", body)
+    status, answer = call_json(f"{server.url}/v2/models/{server.model}/infer", body)
     assert status == 400
     assert message in answer["error"]
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
-import orjson
-
+from sidecar import jsonio
 from sidecar.embedding import EncoderPool
 from sidecar.metrics import Metrics
 from sidecar.retrieval.discovery import ProfileResolver
@@ -388,7 +387,7 @@ def _with_vector(
         start, end = next((s, e) for k, s, e in _members(text, start) if k == key)
     close = end - 1
     inner_empty = not text[start + 1 : close].strip()
-    added = f"{json.dumps(profile.vector_field)}:{orjson.dumps(vector).decode()}"
+    added = f"{json.dumps(profile.vector_field)}:{jsonio.dumps(vector).decode()}"
     return text[:close] + ("" if inner_empty else ",") + added + text[close:]
 
 

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 
+from sidecar import jsonio
 from sidecar.api import proxy
 from sidecar.pipeline import RerankReport
 from sidecar.services import SERVICES
@@ -66,5 +66,5 @@ def finite(value: float | None) -> float | None:
 
 
 def json_response(body: dict[str, Any]) -> web.Response:
-    """`body` as JSON, written by orjson (the native answer holds every hit's source)."""
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    """`body` as JSON, written fast (the native answer holds every hit's source)."""
+    return web.Response(body=jsonio.dumps(body), content_type="application/json")

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import io
 import itertools
+import json
 import logging
 import ssl
 import time
@@ -28,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar import jsonio
 from sidecar.metrics import Metrics
 from sidecar.retrieval.identity import Signer
 
@@ -267,10 +268,10 @@ class Transport:
         sent["Accept-Encoding"] = "identity"
         data: bytes | None = None
         if ndjson is not None:
-            data = b"".join(orjson.dumps(line) + b"\n" for line in ndjson)
+            data = b"".join(jsonio.dumps(line) + b"\n" for line in ndjson)
             sent["Content-Type"] = "application/x-ndjson"
         elif body is not None:
-            data = orjson.dumps(body)
+            data = jsonio.dumps(body)
             sent["Content-Type"] = "application/json"
         async with self.request(method, path, kind=kind, headers=sent, body=data) as answer:
             try:
@@ -334,8 +335,8 @@ def _decoded(answer: aiohttp.ClientResponse, payload: bytes) -> Any:
     challenge = answer.headers.get("WWW-Authenticate")
     relayed = {"WWW-Authenticate": challenge} if challenge else {}
     try:
-        decoded = orjson.loads(payload) if payload else None
-    except orjson.JSONDecodeError:
+        decoded = json.loads(payload) if payload else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
         decoded = None
     if answer.status >= 400:
         if isinstance(decoded, dict) and "error" in decoded:

@@ -248,3 +248,34 @@ def test_when_every_node_is_ejected_every_node_is_still_tried() -> None:
             await nodes.close()
 
     run(scenario)
+
+
+def test_integers_past_64_bits_go_and_come_back_exact() -> None:
+    """OpenSearch's unsigned_long holds up to 2^64 - 1: a document's value comes back as the
+    cluster gave it, and a query holding such a number is sent, not refused."""
+    largest = 2**64 - 1
+    received: list[bytes] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        text = (
+            '{"hits": {"hits": [{"_index": "d", "_id": "1", "_score": 1.0, "_source": {"n": %d}}]}}'
+        )
+        return web.Response(text=text % largest, content_type="application/json")
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_post("/{index}/_search", echo)
+        metrics = Metrics(CollectorRegistry())
+        async with TestServer(app, host="127.0.0.1") as server:
+            nodes = transport([str(server.make_url(""))], metrics)
+            try:
+                answer = await Upstream(nodes, metrics).search(
+                    "d", {"query": {"term": {"n": -(2**63) - 1}}}
+                )
+            finally:
+                await nodes.close()
+        assert answer["hits"]["hits"][0]["_source"]["n"] == largest
+        assert received == [b'{"query":{"term":{"n":-9223372036854775809}}}']
+
+    run(scenario)

@@ -166,12 +166,15 @@ async def forward(
 
 
 def _small(request: web.Request, answer: aiohttp.ClientResponse) -> bool:
-    """An answer of one chunk at most, with its length: relayed whole, its status line, headers
-    and body in one write (a stream writes each apart, three system calls where one will do).
-    HEAD and bodiless statuses keep the stream's path, which relays their Content-Length as is."""
+    """An answer of one chunk at most, with its length, that arrived whole with its headers:
+    relayed in one write (a stream writes the status line, headers and body apart, three system
+    calls where one will do). One still arriving streams, so a slow cluster's first bytes reach
+    the client as they come. HEAD and bodiless statuses keep the stream's path, which relays
+    their Content-Length as is."""
     return (
         answer.content_length is not None
         and answer.content_length <= _CHUNK_BYTES
+        and answer.content.total_bytes >= answer.content_length
         and request.method != "HEAD"
         and answer.status not in (204, 304)
         and answer.status >= 200

@@ -924,10 +924,9 @@ def test_a_body_that_does_not_inflate_is_a_400() -> None:
 def test_an_upstream_that_breaks_mid_body_cuts_the_client_off_at_once(
     reset: bool, announced: int
 ) -> None:
-    """The cluster announces a body, sends 10 bytes and closes (or resets) the connection. A
-    small answer is read whole before anything is sent, so the client gets a 502 in the
-    cluster's error shape; a large one streams, so the client's transfer ends there, truncated.
-    Neither hangs until some idle timeout."""
+    """The cluster announces a body, sends 10 bytes and closes (or resets) the connection: small
+    or large, an answer still arriving streams, so the client's transfer ends there, truncated,
+    and does not hang until some idle timeout."""
 
     async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -950,13 +949,41 @@ def test_an_upstream_that_breaks_mid_body_cuts_the_client_off_at_once(
                 proxied(FakeUpstream(), upstream_url=URL(f"http://127.0.0.1:{port}/")) as proxy,
                 proxy.client.get(proxy.url("/idx/_search")) as response,
             ):
-                if announced <= 64 * 1024:
-                    assert response.status == 502
-                    assert_opensearch_error(await response.json(), 502, "upstream_unreachable")
-                else:
-                    assert response.status == 200
-                    with pytest.raises(aiohttp.ClientPayloadError):
-                        await response.read()
+                assert response.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(scenario)
+
+
+def test_a_small_answer_still_arriving_reaches_the_client_as_it_comes() -> None:
+    """The cluster sends half of a 1,000-byte answer and the rest only once the client has the
+    first half: a proxy that waited for the whole of a small answer would never deliver."""
+    first_half_seen = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 500)
+        await writer.drain()
+        await first_half_seen.wait()
+        writer.write(b"b" * 500)
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with (
+                proxied(FakeUpstream(), upstream_url=URL(f"http://127.0.0.1:{port}/")) as proxy,
+                proxy.client.get(proxy.url("/_cat/indices")) as response,
+            ):
+                assert await response.content.readexactly(500) == b"a" * 500
+                first_half_seen.set()
+                assert await response.read() == b"b" * 500
         finally:
             server.close()
             await server.wait_closed()

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -19,15 +19,28 @@ from prometheus_client import CollectorRegistry
 from sidecar import __version__
 from sidecar.api import proxy
 from sidecar.api.routes import add_routes, edge
-from sidecar.config import Settings, SettingsError, mask_credentials
+from sidecar.config import (
+    RERANK_RUNTIMES,
+    RemoteReranker,
+    RerankRuntime,
+    Settings,
+    SettingsError,
+    mask_credentials,
+)
 from sidecar.embedding import BiEncoder, EncoderPool
 from sidecar.metrics import Metrics
 from sidecar.pipeline import SearchPipeline
-from sidecar.rerank.backend import CrossEncoderBackend, RerankBackend, hub_model_available
+from sidecar.rerank.backend import (
+    CrossEncoderBackend,
+    PairPreparer,
+    RerankBackend,
+    hub_model_available,
+)
 from sidecar.rerank.batcher import BatchLimits, MicroBatcher
 from sidecar.rerank.cache import ScoreCache
 from sidecar.rerank.final_scorer import LearnedScorer, ServingFileError, read_serving
-from sidecar.rerank.reranker import Reranker
+from sidecar.rerank.remote.tier import HttpTier, remote_stage_two
+from sidecar.rerank.reranker import PairScorer, Reranker
 from sidecar.rerank.runtimes import calibration_pairs
 from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.identity import UpstreamIdentity
@@ -92,22 +105,31 @@ def create_app(
                 for name in profile_models
             ],
         )
-        reranker_backend: RerankBackend = (
-            backend
-            if backend is not None
-            else await loop.run_in_executor(model_executor, load_cross_encoder, settings)
-        )
-        limits = BatchLimits(
-            max_batch_pairs=settings.rerank_max_batch_pairs,
-            max_batch_tokens=settings.rerank_max_batch_tokens,
-            max_wait_s=settings.rerank_max_wait_s,
-            max_pending_pairs=settings.rerank_max_pending_pairs,
-            merge_requests=settings.rerank_cross_request_batching,
-        )
-        batcher = MicroBatcher(
-            reranker_backend.score, limits, model_executor, metrics.observe_batch
-        )
-        await batcher.start()
+        reranker_backend: PairPreparer
+        batcher: PairScorer
+        remote_tier: HttpTier | None = None
+        if backend is None and settings.reranker_backend not in RERANK_RUNTIMES:
+            kind = cast(RemoteReranker, settings.reranker_backend)
+            reranker_backend, batcher, remote_tier = remote_stage_two(settings, kind, metrics)
+        else:
+            in_process: RerankBackend = (
+                backend
+                if backend is not None
+                else await loop.run_in_executor(model_executor, load_cross_encoder, settings)
+            )
+            reranker_backend = in_process
+            limits = BatchLimits(
+                max_batch_pairs=settings.rerank_max_batch_pairs,
+                max_batch_tokens=settings.rerank_max_batch_tokens,
+                max_wait_s=settings.rerank_max_wait_s,
+                max_pending_pairs=settings.rerank_max_pending_pairs,
+                merge_requests=settings.rerank_cross_request_batching,
+            )
+            micro_batcher = MicroBatcher(
+                in_process.score, limits, model_executor, metrics.observe_batch
+            )
+            await micro_batcher.start()
+            batcher = micro_batcher
         transport = Transport(
             settings.opensearch_urls,
             settings.upstream_timeout_s,
@@ -205,7 +227,10 @@ def create_app(
         finally:
             if refresher is not None:
                 refresher.cancel()
-            await batcher.stop()
+            if isinstance(batcher, MicroBatcher):
+                await batcher.stop()
+            if remote_tier is not None:
+                await remote_tier.close()
             if shared_cache is not None:
                 await shared_cache.close()
             await transport.close()
@@ -373,7 +398,7 @@ def load_cross_encoder(settings: Settings) -> CrossEncoderBackend:
             device=settings.device,
             dtype=settings.reranker_dtype,
             max_length=settings.reranker_max_length,
-            runtime=settings.reranker_backend,
+            runtime=cast(RerankRuntime, settings.reranker_backend),
             quantization=settings.reranker_quantization,
             calibration=(
                 calibration_pairs(settings.reranker_calibration)

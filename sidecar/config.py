@@ -34,6 +34,11 @@ AwsService = Literal["es", "aoss"]
 Truncation = Literal["first", "max_chunk", "best_passage"]
 # Where the cross-encoder runs (see sidecar/rerank/runtimes.py) and how it is quantized there.
 RerankRuntime = Literal["auto", "torch", "onnx", "openvino"]
+# A rerank server the sidecar calls instead (see sidecar/rerank/remote/), and what its scores are.
+RemoteReranker = Literal["tei", "cohere", "kserve"]
+RerankerBackend = Literal[RerankRuntime, RemoteReranker]
+RERANK_RUNTIMES: tuple[RerankRuntime, ...] = typing.get_args(RerankRuntime)
+ScoreKind = Literal["logit", "probability"]
 # How reranked candidates get their final score: `auto` uses the learned final scorer a trained
 # model ships (serving.json) and the blend otherwise; `blend` always uses SIDECAR_ALPHA.
 FinalScorer = Literal["auto", "blend"]
@@ -201,7 +206,26 @@ class Settings:
     reranker_max_length: int | None = None
     # What runs the cross-encoder: torch, or the sidecar's cached ONNX export of it on ONNX
     # Runtime or OpenVINO (CPU; the `onnx` / `openvino` extras). auto: see README "Stage 2 speed".
-    reranker_backend: RerankRuntime = "auto"
+    # Or a rerank server the sidecar calls at reranker_url: `tei` (text-embeddings-inference),
+    # `cohere` (Cohere-style /rerank: Infinity, vLLM), `kserve` (the v2 inference protocol);
+    # reranker_model is then the model's name on that server.
+    reranker_backend: RerankerBackend = "auto"
+    reranker_url: str | None = None
+    # Sent as `Authorization: Bearer` to the rerank server; from the variable or from a file.
+    reranker_api_key: SecretStr | None = None
+    reranker_api_key_file: Path | None = None
+    # Pairs per call to the rerank server (None: the protocol's usual limit, e.g. TEI's 32) and
+    # calls in flight at once.
+    reranker_max_batch: int | None = None
+    reranker_concurrency: int = 16
+    # What the server's scores are (None: what the protocol gives): probabilities are turned
+    # back into logits.
+    reranker_scores: ScoreKind | None = None
+    # A 429/503 whose Retry-After is at most this is waited out once; the circuit breaker opens
+    # after this many failed calls in a row and lets a trial call through after open_s.
+    reranker_retry_wait_s: float = 1.0
+    reranker_breaker_failures: int = 5
+    reranker_breaker_open_s: float = 10.0
     # int8 on onnx/openvino: dynamic (no data needed) or static, its activation ranges measured on
     # calibration pairs made from a BEIR folder's queries and corpus (reranker_calibration).
     reranker_quantization: Quantization = "none"
@@ -335,6 +359,19 @@ class Settings:
                 "SIDECAR_SERVICE_USERNAME and SIDECAR_SERVICE_PASSWORD or "
                 "SIDECAR_SERVICE_PASSWORD_FILE",
             )
+        if self.reranker_backend not in RERANK_RUNTIMES:
+            _require(
+                self.reranker_url is not None
+                and re.match(r"https?://", self.reranker_url) is not None,
+                f"SIDECAR_RERANKER_BACKEND={self.reranker_backend} needs SIDECAR_RERANKER_URL, "
+                "the rerank server's http:// or https:// address",
+            )
+            _require(
+                self.truncation == "first",
+                "a remote reranker cuts each document at its model's length itself: "
+                f"SIDECAR_TRUNCATION must be first, got {self.truncation!r} (max_chunk and "
+                "best_passage need the model's tokenizer in the sidecar)",
+            )
         _require(1 <= self.listen_port <= 65535, "SIDECAR_LISTEN_PORT must be 1-65535")
         _require(
             self.metrics_port is None
@@ -357,6 +394,8 @@ class Settings:
             "rerank_max_batch_pairs",
             "rerank_max_batch_tokens",
             "rerank_max_pending_pairs",
+            "reranker_concurrency",
+            "reranker_breaker_failures",
             "rerank_cache_entries",
             "default_candidates",
             "max_candidates",
@@ -374,6 +413,12 @@ class Settings:
             "score_cache_timeout_s",
         ):
             _require(getattr(self, name) > 0, f"SIDECAR_{name.upper()} must be positive")
+        _require(
+            self.reranker_max_batch is None or self.reranker_max_batch >= 1,
+            "SIDECAR_RERANKER_MAX_BATCH must be at least 1",
+        )
+        for name in ("reranker_retry_wait_s", "reranker_breaker_open_s"):
+            _require(getattr(self, name) >= 0, f"SIDECAR_{name.upper()} must not be negative")
         _require(
             self.score_cache_url is None
             or re.match(r"rediss?://", self.score_cache_url.get_secret_value()) is not None,
@@ -491,25 +536,18 @@ class Settings:
         return 1.0 if recorded is None else recorded
 
     def service_password_value(self) -> str | None:
-        """The service password, read from its file when one is named (trailing newline off).
+        """The service password (see _secret). Raises SettingsError."""
+        return _secret(self.service_password, self.service_password_file, "SERVICE_PASSWORD")
 
-        Raises SettingsError when the file cannot be read."""
-        if self.service_password is not None:
-            return self.service_password.get_secret_value()
-        if self.service_password_file is None:
-            return None
-        try:
-            return self.service_password_file.read_text().rstrip("\r\n")
-        except OSError as error:
-            raise SettingsError(
-                f"SIDECAR_SERVICE_PASSWORD_FILE: cannot read {self.service_password_file}: "
-                f"{error.strerror}"
-            ) from None
+    def reranker_api_key_value(self) -> str | None:
+        """The rerank server's API key (see _secret). Raises SettingsError."""
+        return _secret(self.reranker_api_key, self.reranker_api_key_file, "RERANKER_API_KEY")
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain values, with the passwords masked, for logging."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["service_password"] = None if self.service_password is None else "***"
+        values["reranker_api_key"] = None if self.reranker_api_key is None else "***"
         values["score_cache_url"] = (
             None
             if self.score_cache_url is None
@@ -575,6 +613,19 @@ def _build(spec: type[Any], values: Mapping[str, Any], prefix: str) -> Any:
         except ValueError as error:
             raise SettingsError(f"{prefix}{name.upper()}={raw!r} is not valid: {error}") from None
     return spec(**parsed)
+
+
+def _secret(value: SecretStr | None, file: Path | None, name: str) -> str | None:
+    """A secret given in SIDECAR_<name>, or read from the file SIDECAR_<name>_FILE names
+    (trailing newline off). Raises SettingsError when the file cannot be read."""
+    if value is not None:
+        return value.get_secret_value()
+    if file is None:
+        return None
+    try:
+        return file.read_text().rstrip("\r\n")
+    except OSError as error:
+        raise SettingsError(f"SIDECAR_{name}_FILE: cannot read {file}: {error.strerror}") from None
 
 
 def _parse(raw: Any, hint: Any) -> Any:

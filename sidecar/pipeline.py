@@ -19,6 +19,7 @@ from sidecar.logging import log_stage
 from sidecar.metrics import Metrics
 from sidecar.rerank.batcher import BatcherClosed, Overloaded
 from sidecar.rerank.final_scorer import LearnedScorer, feature_rows, signals_of
+from sidecar.rerank.remote.scorer import TierUnavailable
 from sidecar.rerank.reranker import RerankDocument, Reranker
 from sidecar.retrieval.discovery import ProfileResolver
 from sidecar.retrieval.first_stage import FirstStage, FirstStageQuery, Fusion, retrieve
@@ -358,6 +359,9 @@ class SearchPipeline:
                 reason = "deadline"
             except BatcherClosed:
                 reason = "shutting_down"
+            except TierUnavailable as error:
+                log.warning("rerank tier unavailable: %s", error)
+                reason = error.reason
             except Exception:
                 log.exception("reranking failed")
                 reason = "model_error"

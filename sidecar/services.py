@@ -9,8 +9,7 @@ from aiohttp import web
 from sidecar.api.proxy import ForwardPolicy
 from sidecar.config import Settings
 from sidecar.pipeline import SearchPipeline
-from sidecar.rerank.backend import ScoringPair
-from sidecar.rerank.batcher import MicroBatcher
+from sidecar.rerank.reranker import PairScorer
 from sidecar.retrieval.identity import UpstreamIdentity
 from sidecar.retrieval.opensearch import Upstream
 from sidecar.write_path import WritePath
@@ -28,8 +27,9 @@ class Services:
     identity: UpstreamIdentity
     # Body limits, timeouts and forwarding headers of the pass-through.
     forward_policy: ForwardPolicy
-    # The reranker's batcher: readiness requires its loop to be alive.
-    batcher: MicroBatcher[ScoringPair]
+    # What scores the reranker's pairs: readiness requires the micro-batcher's loop to be alive
+    # (a remote tier is always "running": searches answer unreranked while it is down).
+    batcher: PairScorer
 
     @property
     def models_loaded(self) -> bool:

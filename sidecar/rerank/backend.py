@@ -44,8 +44,11 @@ class ScoringPair:
     token_length: int
 
 
-class RerankBackend(Protocol):
-    # Model id or path plus revision: namespaces the score cache.
+class PairPreparer(Protocol):
+    """What the reranker needs of any backend: its names, and turning documents into pairs."""
+
+    # Model id or path plus revision (a remote tier: protocol, server, model): namespaces the
+    # score cache.
     identity: str
     model_name: str
     device: str
@@ -64,6 +67,10 @@ class RerankBackend(Protocol):
         overlapping window for `max_chunk`, and for `best_passage` the one window of at most
         `passage_tokens` (None: as long as fits) that best matches the query lexically."""
         ...
+
+
+class RerankBackend(PairPreparer, Protocol):
+    """An in-process model: it also scores, on the micro-batcher's executor."""
 
     def score(self, pairs: Sequence[ScoringPair]) -> list[float]:
         """Raw relevance logits, one per pair. Raises BatchTooLarge when the batch does not fit.

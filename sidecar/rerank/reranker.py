@@ -12,19 +12,32 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.config import Truncation
 from sidecar.documents import DocKey
 from sidecar.metrics import Metrics
-from sidecar.rerank.backend import RerankBackend, ScoringPair
-from sidecar.rerank.batcher import MicroBatcher
+from sidecar.rerank.backend import PairPreparer, ScoringPair
 from sidecar.rerank.cache import CacheKey, ScoreCache
 
 if TYPE_CHECKING:  # the shared cache needs the optional `redis` package
     from sidecar.rerank.shared_cache import SharedScoreCache
 
 log = logging.getLogger(__name__)
+
+
+class PairScorer(Protocol):
+    """What scores prepared pairs: the in-process micro-batcher, or a remote tier's scorer."""
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def pending_pairs(self) -> int: ...
+
+    def check_admission(self, pairs: int) -> None: ...
+
+    async def submit(self, items: Sequence[tuple[ScoringPair, int]]) -> list[float]: ...
 
 
 @dataclass(frozen=True)
@@ -45,8 +58,8 @@ class RerankScores:
 class Reranker:
     def __init__(
         self,
-        backend: RerankBackend,
-        batcher: MicroBatcher[ScoringPair],
+        backend: PairPreparer,
+        batcher: PairScorer,
         cache: ScoreCache,
         prepare_executor: ThreadPoolExecutor,
         metrics: Metrics,

@@ -208,3 +208,40 @@ def test_the_caller_cache_key_is_a_secret() -> None:
 def test_the_metrics_port_is_a_port_of_its_own(port: str) -> None:
     with pytest.raises(SettingsError, match="SIDECAR_METRICS_PORT"):
         Settings.from_env({"SIDECAR_METRICS_PORT": port, "SIDECAR_LISTEN_PORT": "8080"})
+
+
+def test_a_remote_reranker_needs_its_url_and_first_truncation_and_hides_its_key(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(SettingsError, match="needs SIDECAR_RERANKER_URL"):
+        Settings.from_env({"SIDECAR_RERANKER_BACKEND": "tei"})
+    with pytest.raises(SettingsError, match="SIDECAR_TRUNCATION must be first"):
+        Settings.from_env(
+            {
+                "SIDECAR_RERANKER_BACKEND": "cohere",
+                "SIDECAR_RERANKER_URL": "http://tier:7997",
+                "SIDECAR_TRUNCATION": "max_chunk",
+            }
+        )
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    settings = Settings.from_env(
+        {
+            "SIDECAR_RERANKER_BACKEND": "kserve",
+            "SIDECAR_RERANKER_URL": "https://tier:8080",
+            "SIDECAR_RERANKER_API_KEY_FILE": str(key_file),
+            "SIDECAR_RERANKER_SCORES": "probability",
+        }
+    )
+    assert settings.reranker_api_key_value() == "s3cret"
+    assert settings.reranker_scores == "probability"
+    assert "s3cret" not in repr(settings.redacted())
+    shown = Settings.from_env(
+        {
+            "SIDECAR_RERANKER_BACKEND": "kserve",
+            "SIDECAR_RERANKER_URL": "https://tier:8080",
+            "SIDECAR_RERANKER_API_KEY": "s3cret",
+        }
+    )
+    assert "s3cret" not in repr(shown.redacted())
+    assert "s3cret" not in repr(shown)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
 
-ScoreKind = Literal["logit", "probability"]
+from sidecar.config import ScoreKind
+
 RemoteKind = Literal["tei", "cohere", "kserve", "opensearch-ml"]
 
 # A probability this close to 0 or 1 is a saturated logit; clipped so the logit stays finite.

@@ -115,6 +115,7 @@ class RemoteScorer:
         self._limits = limits
         self._metrics = metrics
         self._slots = asyncio.Semaphore(limits.concurrency)
+        self._pending = 0
         gauge = metrics.remote_breaker.labels(api.kind)
         self.breaker = Breaker(
             limits.failure_threshold,
@@ -123,11 +124,28 @@ class RemoteScorer:
         )
         gauge.set(0)
 
+    @property
+    def running(self) -> bool:
+        """Always: readiness does not depend on the tier (searches answer unreranked, flagged)."""
+        return True
+
+    @property
+    def pending_pairs(self) -> int:
+        """Pairs sent and not yet answered."""
+        return self._pending
+
     def check_admission(self, pairs: int) -> None:
         """The tier queues and sheds load itself (429): nothing to refuse here."""
 
     async def submit(self, items: Sequence[tuple[ScoringPair, int]]) -> list[float]:
         """One logit per (pair, token length) item, in order. Raises TierUnavailable."""
+        self._pending += len(items)
+        try:
+            return await self._submit(items)
+        finally:
+            self._pending -= len(items)
+
+    async def _submit(self, items: Sequence[tuple[ScoringPair, int]]) -> list[float]:
         if not self.breaker.allow():
             self._metrics.remote_requests.labels(self._api.kind, "breaker_open").inc()
             raise TierUnavailable("backend_error", "the rerank tier's circuit breaker is open")

@@ -366,6 +366,13 @@ class Settings:
                 f"SIDECAR_RERANKER_BACKEND={self.reranker_backend} needs SIDECAR_RERANKER_URL, "
                 "the rerank server's http:// or https:// address",
             )
+            # The URL names the backend in metrics and in the score cache's namespace.
+            _require(
+                "@" not in urlsplit(self.reranker_url or "").netloc,
+                "SIDECAR_RERANKER_URL must not hold credentials "
+                f"({mask_credentials(self.reranker_url or '')}): give the key with "
+                "SIDECAR_RERANKER_API_KEY or SIDECAR_RERANKER_API_KEY_FILE",
+            )
             _require(
                 self.truncation == "first",
                 "a remote reranker cuts each document at its model's length itself: "

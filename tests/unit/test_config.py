@@ -215,6 +215,11 @@ def test_a_remote_reranker_needs_its_url_and_first_truncation_and_hides_its_key(
 ) -> None:
     with pytest.raises(SettingsError, match="needs SIDECAR_RERANKER_URL"):
         Settings.from_env({"SIDECAR_RERANKER_BACKEND": "tei"})
+    with pytest.raises(SettingsError, match="must not hold credentials") as caught:
+        Settings.from_env(
+            {"SIDECAR_RERANKER_BACKEND": "tei", "SIDECAR_RERANKER_URL": "http://u:pw@tier:80"}
+        )
+    assert "pw" not in str(caught.value)
     with pytest.raises(SettingsError, match="SIDECAR_TRUNCATION must be first"):
         Settings.from_env(
             {

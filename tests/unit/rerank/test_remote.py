@@ -6,10 +6,13 @@ server is a function answering canned responses (the real servers have integrati
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -246,3 +249,25 @@ def test_cancelling_a_request_cancels_its_calls_in_flight() -> None:
 
     asyncio.run(scenario())
     assert len(cancelled) == 3
+
+
+TEI_OPENAPI = Path(__file__).parent / "fixtures" / "tei_openapi_rerank.json"
+
+
+def tei_validator(name: str) -> jsonschema.Validator:
+    """TEI's published schema `name` (an excerpt of its OpenAPI document, fetched as a fact: TEI
+    cannot be run here), closed to keys it does not define."""
+    schemas = json.loads(TEI_OPENAPI.read_text())["schemas"]
+    for schema in schemas.values():
+        if schema.get("type") == "object":
+            schema["additionalProperties"] = False
+    root = {"components": {"schemas": schemas}, **schemas[name]}
+    return jsonschema.Draft7Validator(root)
+
+
+def test_the_tei_call_and_answer_are_of_teis_published_shapes() -> None:
+    call = api("tei").call("q", TEXTS)
+    tei_validator("RerankRequest").validate(call.body)
+    answer = sorted_answer("tei", [0.5, -1.0, 2.0])
+    tei_validator("RerankResponse").validate(answer)
+    assert api("tei").logits(answer, 3) == [0.5, -1.0, 2.0]
